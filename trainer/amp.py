@@ -1,0 +1,57 @@
+"""Mixed precision: which autocast dtype to use and whether gradients need a scaler.
+
+CUDA: fp16 autocast with GradScaler (fp16's narrow range needs loss scaling).
+CPU: bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16); bf16 keeps fp32's exponent
+range, so no scaler is needed. The loss itself is always computed in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Precision:
+    device_type: str
+    dtype: torch.dtype | None  # None = full fp32
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """`amp` is auto, fp16, bf16 or off."""
+    if amp == "off":
+        return Precision(device.type, None)
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
+        return Precision("cuda", torch.float16)
+    if amp == "bf16":
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            raise ValueError("--amp bf16: this CPU has no native bf16 support")
+        return Precision(device.type, torch.bfloat16)
+    if amp == "auto":
+        if device.type == "cuda":
+            return Precision("cuda", torch.float16)
+        return Precision("cpu", torch.bfloat16 if cpu_has_native_bf16() else None)
+    raise ValueError(f"--amp must be auto, fp16, bf16 or off, got {amp!r}")

@@ -1,0 +1,54 @@
+"""Checkpoints: plain dicts of tensors and primitives, written atomically, loaded with weights_only.
+
+A checkpoint holds the EMA model (what `best.pt` users want), the raw model, optimizer and scaler
+state, the run's hyp/opt, model spec and class names, epoch, best fitness, maps and RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not a kfyolo checkpoint."""
+
+
+REQUIRED_KEYS = ("model", "spec", "names")
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash leaves either the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a kfyolo checkpoint with `weights_only=True` (no pickled code can run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}). If it is an "
+                              "ultralytics .pt file, pass it as --weights to import it.") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a kfyolo checkpoint (needs keys {list(REQUIRED_KEYS)})")
+    return ckpt

@@ -1,0 +1,199 @@
+"""Run configuration: hyperparameters and options as frozen dataclasses.
+
+Both load from YAML plus command-line overrides, are written into the run folder (`hyp.yaml`,
+`opt.yaml`) and into every checkpoint, and are passed explicitly to whatever needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Hyp:
+    """Training hyperparameters (see trainer/cfg/hyps/hyp.scratch.yaml for what each means)."""
+
+    lr0: float = 0.01
+    lrf: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 3.0
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    box: float = 0.05
+    cls: float = 0.5
+    cls_pw: float = 1.0
+    obj: float = 1.0
+    obj_pw: float = 1.0
+    iou_t: float = 0.20
+    anchor_t: float = 4.0
+    fl_gamma: float = 0.0
+    label_smoothing: float = 0.0
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    perspective: float = 0.0
+    flipud: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0
+    mixup: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"hyp '{f.name}' must be a finite number, got {v!r}")
+            object.__setattr__(self, f.name, float(v))
+        positive = ("lr0", "lrf", "anchor_t")
+        probabilities = ("flipud", "fliplr", "mosaic", "mixup", "label_smoothing", "lrf")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"hyp '{name}' must be > 0, got {getattr(self, name)}")
+        for name in probabilities:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"hyp '{name}' must be in [0, 1], got {getattr(self, name)}")
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ConfigError(f"hyp '{f.name}' must be >= 0, got {getattr(self, f.name)}")
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def builtin_hyp_names() -> list[str]:
+    files = resources.files("trainer.cfg").joinpath("hyps").iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
+
+
+def load_hyp(source: str | Path | dict | None = None, overrides: dict[str, Any] | None = None) -> Hyp:
+    """Load hyperparameters from a shipped name (`hyp.scratch`), a YAML path or a dict, then apply
+    overrides. Unknown keys are errors, so a typo never silently falls back to a default."""
+    origin = "defaults"
+    values: dict[str, Any] = {}
+    if isinstance(source, dict):
+        values, origin = dict(source), "<dict>"
+    elif source is not None:
+        path = Path(source)
+        stem = path.name.removesuffix(".yaml")
+        if path.is_file():
+            text, origin = path.read_text(), str(path)
+        elif stem in builtin_hyp_names():
+            text = resources.files("trainer.cfg").joinpath("hyps", f"{stem}.yaml").read_text()
+            origin = f"trainer/cfg/hyps/{stem}.yaml"
+        else:
+            raise ConfigError(f"--hyp {source}: no such file, and not one of {builtin_hyp_names()}")
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin}: invalid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: expected a mapping of hyperparameters")
+    values.update(overrides or {})
+    known = {f.name for f in fields(Hyp)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown hyperparameters {unknown}")
+    try:
+        return Hyp(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings (values parsed as YAML scalars) -> dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything a training run was asked to do (the CLI flags), saved as opt.yaml."""
+
+    data: str = ""
+    cfg: str = "yolov5n"
+    weights: str = ""
+    hyp: str = "hyp.scratch"
+    hyp_overrides: tuple[tuple[str, Any], ...] = ()
+    epochs: int = 100
+    batch_size: int = 16          # total over all ranks
+    imgsz: int = 640
+    image_weights: bool = False
+    multi_scale: bool = False
+    rect: bool = False
+    resume: str = ""
+    device: str = ""              # "", "cpu", "0", "cuda:0"
+    workers: int = 8              # upper bound per rank; sized to the CPUs actually available
+    project: str = "runs/train"
+    name: str = "exp"
+    exist_ok: bool = False
+    seed: int = 0
+    sync_bn: bool = False
+    optimizer: str = "SGD"        # SGD (Nesterov), Adam or AdamW
+    linear_lr: bool = False       # linear LR decay instead of cosine
+    patience: int = 100           # epochs without fitness improvement before stopping; 0 = never
+    amp: str = "auto"             # auto, fp16, bf16 or off
+    noval: bool = False           # validate only on the final epoch
+    maps: str = ""                # maps.json from an earlier evaluation, seeds image weights
+    stop_epoch: int = 0           # train epochs [start, stop) of an `epochs` schedule; 0 = all
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.imgsz >= 32, f"--imgsz must be >= 32, got {self.imgsz}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
+            (self.optimizer in ("SGD", "Adam", "AdamW"), f"--optimizer must be SGD, Adam or AdamW, got {self.optimizer!r}"),
+            (self.amp in ("auto", "fp16", "bf16", "off"), f"--amp must be auto, fp16, bf16 or off, got {self.amp!r}"),
+            (0 <= self.stop_epoch <= self.epochs, f"--stop-epoch must be in [0, --epochs], got {self.stop_epoch}"),
+            (not (self.rect and self.image_weights), "--rect and --image-weights can't be combined: rectangular "
+             "training fixes the image order, image weighting resamples it"),
+            (not (self.rect and self.multi_scale), "--rect and --multi-scale can't be combined: rect batch shapes are fixed"),
+            (bool(self.data) or bool(self.resume), "--data is required"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hyp_overrides"] = dict(self.hyp_overrides)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown options {unknown}")
+        d = dict(d)
+        d["hyp_overrides"] = tuple(sorted((d.get("hyp_overrides") or {}).items()))
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainOptions":
+        return dataclasses.replace(self, **changes)
+
+
+def save_yaml(obj: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(obj, sort_keys=False))

@@ -1,0 +1,158 @@
+"""Everything that knows about ranks. Helpers are no-ops at world size 1.
+
+Under torchrun (or a PyTorchJob pod whose command is torchrun), the per-process variables
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set; node-level variables
+(PET_*) are torchrun's business, never ours. Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+    """Process-group setup or a collective failed (unreachable master, dead peer, timeout)."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1  # ranks on this node (sizes threads and loader workers)
+    backend: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_context(local_rank_flag: int | None = None) -> DistContext:
+    """Read the torchrun environment. `--local-rank`/`--local_rank` (older launchers) wins over
+    LOCAL_RANK when given."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = local_rank_flag if local_rank_flag is not None and local_rank_flag >= 0 else int(os.environ.get("LOCAL_RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise DistributedError(f"inconsistent environment: RANK={rank} WORLD_SIZE={world}")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistContext(rank=rank, local_rank=local, world_size=world, local_world_size=max(1, local_world))
+
+
+def select_device(request: str, local_rank: int = 0) -> torch.device:
+    """'' (auto), 'cpu', '0', 'cuda', 'cuda:1' -> a torch.device; under DDP each rank takes the GPU
+    of its local rank."""
+    request = request.strip().lower()
+    if request == "cpu":
+        return torch.device("cpu")
+    if request in ("", "cuda") or request.isdigit() or request.startswith("cuda"):
+        if not torch.cuda.is_available():
+            if request == "":
+                return torch.device("cpu")
+            raise DistributedError(f"--device {request}: CUDA is not available on this machine")
+        if request.startswith("cuda:"):
+            return torch.device(request)
+        index = int(request) if request.isdigit() else local_rank
+        if index >= torch.cuda.device_count():
+            raise DistributedError(f"--device {request}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    raise DistributedError(f"--device {request!r}: expected '', 'cpu', a CUDA index or 'cuda:N'")
+
+
+def init_distributed(ctx: DistContext, device: torch.device, timeout_s: float = 600.0) -> DistContext:
+    """Join the process group (when WORLD_SIZE > 1). Collectives time out after `timeout_s`, so a
+    dead peer ends every rank with an error instead of a hang."""
+    if not ctx.distributed:
+        return ctx
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as e:
+        raise DistributedError(f"rank {ctx.rank}: cannot join the process group at {addr} "
+                               f"({type(e).__name__}: {e})") from e
+    log.info("rank %d/%d joined %s process group at %s", ctx.rank, ctx.world_size, backend, addr)
+    return dataclasses.replace(ctx, backend=backend)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for the backend's collectives (nccl: the current GPU)."""
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Broadcast from `src`; returns a tensor on t's original device. Every rank passes a tensor
+    of the same shape and dtype."""
+    if not _active():
+        return t
+    buf = t.to(collective_device())
+    dist.broadcast(buf, src)
+    return buf.to(t.device)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src, device=collective_device())
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not _active():
+        return t
+    buf = t.to(collective_device()).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return (buf / dist.get_world_size()).to(t.device)
+
+
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce on accumulation steps that don't end in an optimizer step."""
+    if skip_sync and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield

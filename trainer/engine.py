@@ -1,0 +1,108 @@
+"""One training epoch of the classic YOLOv5 loop. Every dependency is an argument; side effects go
+through the RunLogger; the loop body is the maths.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from trainer import distributed
+from trainer.amp import Precision
+from trainer.ema import ModelEMA
+from trainer.optim import BIAS_GROUP, set_momentum
+from trainer.runlog import RunLogger
+from trainer.schedule import multiscale_size, resize_batch, warmup_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; training stops and last.pt keeps the last good epoch."""
+
+    def __init__(self, epoch: int, batch: int, parts: torch.Tensor, paths: tuple):
+        shown = ", ".join(str(p) for p in paths[:4])
+        super().__init__(f"non-finite loss at epoch {epoch}, batch {batch} (box, obj, cls = "
+                         f"{parts[:3].tolist()}); first images in the batch: {shown}. Lower lr0 or "
+                         "check the labels; weights/last.pt holds the last good epoch.")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Fixed facts about the epoch being trained."""
+
+    epoch: int
+    epochs: int
+    batches: int            # nb: batches per epoch on this rank
+    warmup_iters: int       # nw
+    total_batch_size: int   # over all ranks
+    imgsz: int
+    stride: int
+    multi_scale: bool
+    world_size: int
+    warmup_bias_lr: float
+    warmup_momentum: float
+    momentum: float
+    lr_factor: float        # lf(epoch)
+
+
+@dataclass
+class StepCounter:
+    """Carried across epochs and into checkpoints: when the optimizer last stepped."""
+
+    last_opt_step: int = -1
+    accumulate: int = 1
+
+
+def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, ema: ModelEMA | None, loader: Iterable, plan: EpochPlan,
+                    counter: StepCounter, precision: Precision, device: torch.device, rng: random.Random,
+                    logger: RunLogger) -> dict[str, float]:
+    """Train over `loader` once; returns mean losses and the lrs in use at the end."""
+    model.train()
+    mloss = torch.zeros(4)  # running means of [box, obj, cls, total]
+    epoch_lrs = tuple(g["initial_lr"] * plan.lr_factor for g in optimizer.param_groups)
+    for g, lr in zip(optimizer.param_groups, epoch_lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    bar = logger.progress(loader, total=plan.batches)
+    for i, (imgs, targets, paths, _) in enumerate(bar):
+        ni = i + plan.batches * plan.epoch
+        imgs = imgs.to(device, non_blocking=True).float() / 255  # (B, 3, H, W) in [0, 1]
+        if ni <= plan.warmup_iters:
+            w = warmup_step(ni, plan.warmup_iters, epoch_lrs, BIAS_GROUP, plan.warmup_bias_lr,
+                            plan.warmup_momentum, plan.momentum, plan.total_batch_size)
+            counter.accumulate = w.accumulate
+            for g, lr in zip(optimizer.param_groups, w.lrs):
+                g["lr"] = lr
+                set_momentum(g, w.momentum)
+        if plan.multi_scale:
+            imgs = resize_batch(imgs, multiscale_size(rng, plan.imgsz, plan.stride), plan.stride)
+
+        step_now = ni - counter.last_opt_step >= counter.accumulate
+        with distributed.no_sync(model, skip_sync=not step_now):
+            with precision.autocast():
+                preds = model(imgs)
+            loss, parts = loss_fn(preds, targets.to(device))
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(plan.epoch, i, parts, tuple(paths))
+            # DDP averages gradients over ranks; the loss is a per-rank sum over images, so scale
+            # back up to a sum over the global batch (YOLOv5 convention).
+            scaler.scale(loss * plan.world_size).backward()
+        if step_now:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            counter.last_opt_step = ni
+
+        mloss = (mloss * i + parts.cpu()) / (i + 1)
+        logger.batch(bar, plan.epoch, plan.epochs, mloss, targets.shape[0], imgs.shape[-1], device)
+        logger.train_batch_images(ni, plan.epoch, imgs, targets, paths)
+    if hasattr(bar, "close"):
+        bar.close()
+    box, obj, cls, total = mloss.tolist()
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    return {"box": box, "obj": obj, "cls": cls, "total": total, "lr0": lrs[0], "lr1": lrs[1], "lr2": lrs[2]}

@@ -1,0 +1,114 @@
+"""Plots: batch mosaics with boxes (OpenCV) and training curves (matplotlib, imported lazily).
+
+Only this module draws. Metrics and the loop hand it arrays; it writes files and returns images.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+
+def class_colour(c: int) -> tuple[int, int, int]:
+    """A stable, well-spread RGB colour per class id (golden-ratio hue steps)."""
+    h = (c * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _to_uint8_images(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) float [0, 1] or uint8 -> (B, H, W, 3) uint8 RGB."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy() if images.is_floating_point() else images.cpu().numpy()
+    if images.dtype != np.uint8:
+        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+
+
+def plot_images(images: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray, paths: Sequence[str] | None = None,
+                names: Sequence[str] | None = None, fname: str | Path | None = None, max_size: int = 1920,
+                max_subplots: int = 16, conf_thres: float = 0.25) -> np.ndarray:
+    """Tile a batch into one picture with its boxes and class names; write it to `fname` if given.
+
+    targets: (N, 6) [img, cls, cx, cy, w, h] normalised (labels), or (N, 7) with a trailing
+    confidence (predictions; those below `conf_thres` are not drawn). Returns (H, W, 3) RGB uint8.
+    An existing file is overwritten (YOLOv5 skipped it, leaving stale pictures from older runs).
+    """
+    imgs = _to_uint8_images(images)[:max_subplots]
+    targets = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    targets = targets.reshape(-1, targets.shape[-1] if targets.size else 6)
+    n, h, w = imgs.shape[0], imgs.shape[1], imgs.shape[2]
+    cols = math.ceil(math.sqrt(max(n, 1)))
+    rows = math.ceil(max(n, 1) / cols)
+    scale = min(1.0, max_size / max(rows * h, cols * w))
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    canvas = np.full((rows * th, cols * tw, 3), 255, dtype=np.uint8)
+    font = max(0.3, min(tw, th) / 500)
+    for i in range(n):
+        y0, x0 = (i // cols) * th, (i % cols) * tw
+        tile = cv2.resize(imgs[i], (tw, th), interpolation=cv2.INTER_AREA) if scale < 1 else imgs[i].copy()
+        _draw_boxes(tile, targets[targets[:, 0] == i], names, font, conf_thres)
+        if paths is not None and i < len(paths):
+            cv2.putText(tile, Path(paths[i]).name[:40], (3, max(12, int(14 * font * 2))),
+                        cv2.FONT_HERSHEY_SIMPLEX, font, (220, 220, 220), 1, cv2.LINE_AA)
+        cv2.rectangle(tile, (0, 0), (tw - 1, th - 1), (255, 255, 255), 1)
+        canvas[y0:y0 + th, x0:x0 + tw] = tile
+    if fname is not None:
+        Path(fname).parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(fname), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {fname}")
+    return canvas
+
+
+def _draw_boxes(tile: np.ndarray, rows: np.ndarray, names: Sequence[str] | None, font: float, conf_thres: float) -> None:
+    h, w = tile.shape[:2]
+    for row in rows:
+        cls = int(row[1])
+        conf = float(row[6]) if rows.shape[1] > 6 else None
+        if conf is not None and conf < conf_thres:
+            continue
+        cx, cy, bw, bh = row[2] * w, row[3] * h, row[4] * w, row[5] * h
+        p1 = (int(round(cx - bw / 2)), int(round(cy - bh / 2)))
+        p2 = (int(round(cx + bw / 2)), int(round(cy + bh / 2)))
+        colour = class_colour(cls)
+        cv2.rectangle(tile, p1, p2, colour, max(1, round(font * 2)), cv2.LINE_AA)
+        label = names[cls] if names is not None and cls < len(names) else str(cls)
+        if conf is not None:
+            label = f"{label} {conf:.2f}"
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
+        top = max(p1[1], th + 2)
+        cv2.rectangle(tile, (p1[0], top - th - 2), (p1[0] + tw + 2, top), colour, -1)
+        cv2.putText(tile, label, (p1[0] + 1, top - 2), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def plot_results_csv(csv_path: str | Path, out: str | Path | None = None) -> Path:
+    """Loss and metric curves from results.csv into results.png (one panel per column)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = Path(csv_path)
+    data = np.genfromtxt(csv_path, delimiter=",", names=True, dtype=float, encoding="utf-8")
+    data = np.atleast_1d(data)
+    columns = [c for c in data.dtype.names if c != "epoch"]
+    cols = 5
+    rows = math.ceil(len(columns) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, col in zip(axes.flat, columns):
+        ax.plot(data["epoch"], data[col], marker=".", linewidth=1.5)
+        ax.set_title(col, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(out) if out is not None else csv_path.with_name("results.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

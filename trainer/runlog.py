@@ -1,0 +1,123 @@
+"""The run's side effects in one object: progress bar, log lines, results.csv, TensorBoard, batch
+plots and image-weighting records. Built with `enabled=False` on non-zero ranks, where every method
+does nothing, so the loop never checks ranks itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from trainer import plots
+
+log = logging.getLogger("trainer")
+
+TRAIN_HEADER = ("Epoch", "gpu_mem", "box", "obj", "cls", "total", "targets", "img_size")
+CSV_COLUMNS = ("epoch", "box", "obj", "cls", "total", "precision", "recall", "map50", "map",
+               "val_box", "val_obj", "val_cls", "lr0", "lr1", "lr2")
+PLOTTED_BATCHES = 3
+
+
+def _memory_string(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.memory_reserved(device) / 1e9:.3g}G"
+    return "0G"  # the column is about accelerator memory; CPU runs report none
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, names: Sequence[str], enabled: bool = True, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.names = list(names)
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir))
+
+    # progress -------------------------------------------------------------------------------
+    def progress(self, loader: Iterable, total: int) -> Iterable:
+        """Wrap the batch iterator in a tqdm bar on the main process."""
+        if not self.enabled:
+            return loader
+        log.info(("\n" + "%10s" * len(TRAIN_HEADER)) % TRAIN_HEADER)
+        return tqdm(loader, total=total, bar_format="{l_bar}{bar:10}{r_bar}", dynamic_ncols=False)
+
+    def batch(self, bar: Any, epoch: int, epochs: int, mloss: torch.Tensor, n_targets: int, img_size: int,
+              device: torch.device) -> None:
+        if self.enabled and isinstance(bar, tqdm):
+            bar.set_description(("%10s" * 2 + "%10.4g" * 6) % (
+                f"{epoch}/{epochs - 1}", _memory_string(device), *mloss.tolist(), n_targets, img_size))
+
+    def train_batch_images(self, ni: int, epoch: int, imgs: torch.Tensor, targets: torch.Tensor,
+                           paths: Sequence[str]) -> None:
+        """The first batches of the run, as train_batch{ni}.jpg and TensorBoard images."""
+        if not self.enabled or ni >= PLOTTED_BATCHES:
+            return
+        fname = self.run_dir / f"train_batch{ni}.jpg"
+        image = plots.plot_images(imgs, targets, paths, self.names, fname)
+        if self._tb is not None:
+            self._tb.add_image(f"train_batch{ni}", image, global_step=epoch, dataformats="HWC")
+
+    # epochs ---------------------------------------------------------------------------------
+    def epoch_end(self, epoch: int, row: dict[str, float]) -> None:
+        """Append one results.csv row, TensorBoard scalars, and a summary line."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "results.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(CSV_COLUMNS)
+            writer.writerow([epoch] + [f"{row.get(c, float('nan')):.6g}" for c in CSV_COLUMNS[1:]])
+        if self._tb is not None:
+            for key in CSV_COLUMNS[1:]:
+                value = row.get(key)
+                if value is not None and math.isfinite(value):
+                    self._tb.add_scalar(_tb_tag(key), value, epoch)
+            self._tb.flush()
+        log.info("epoch %d: P %.3f R %.3f mAP@.5 %.3f mAP@.5:.95 %.3f", epoch, row.get("precision", 0),
+                 row.get("recall", 0), row.get("map50", 0), row.get("map", 0))
+
+    def image_weights(self, record: dict[str, Any]) -> None:
+        """One JSON line per epoch: class weights used and how often each class was drawn."""
+        if not self.enabled:
+            return
+        with (self.run_dir / "image_weights.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, count in zip(self.names, record["class_draws"]):
+                self._tb.add_scalar(f"image_weights/draws/{name}", count, record["epoch"])
+
+    def info(self, message: str, *args: Any) -> None:
+        if self.enabled:
+            log.info(message, *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        if self.enabled:
+            log.warning(message, *args)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self.enabled and (self.run_dir / "results.csv").exists():
+            plots.plot_results_csv(self.run_dir / "results.csv")
+
+
+def _tb_tag(key: str) -> str:
+    if key in ("box", "obj", "cls", "total"):
+        return f"train/{key}_loss"
+    if key.startswith("val_"):
+        return f"val/{key[4:]}_loss"
+    if key.startswith("lr"):
+        return f"lr/pg{key[2:]}"
+    return f"metrics/{key}"
