@@ -1,0 +1,362 @@
+"""A whole training run: setup, then the epoch loop with image weighting, validation, checkpoints
+and early stopping. `train.py` turns command lines into `TrainOptions` and calls `fit`.
+
+Under DDP, validation runs on rank 0 with the EMA model while the other ranks wait at a barrier:
+the validation split is small next to training, and one process gives COCO-exact numbers with no
+cross-rank merging of detections. Rank 0 also owns maps, checkpoints and every file written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from trainer import distributed
+from trainer.amp import Precision, resolve_precision
+from trainer.checkpoint import save_checkpoint
+from trainer.config import ConfigError, Hyp, TrainOptions, load_hyp, save_yaml
+from trainer.data import weights as iw
+from trainer.data.config import DataConfig, load_data_config
+from trainer.data.dataset import YoloDataset, seed_worker
+from trainer.ema import ModelEMA, unwrap
+from trainer.engine import EpochPlan, StepCounter, train_one_epoch
+from trainer.loss import YoloLoss, scale_loss_gains
+from trainer.metrics.detection import fitness
+from trainer.models.pretrained import load_matching, read_weights
+from trainer.models.yolo import YoloModel, build_model, load_model_spec, summarise
+from trainer.optim import build_optimizer
+from trainer.runlog import RunLogger
+from trainer.schedule import lr_factor, nominal_accumulate, scaled_weight_decay, warmup_iterations
+from trainer.state import TrainState, build_checkpoint, strip_for_inference
+from trainer.validate import run_validation
+
+log = logging.getLogger("trainer")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    epochs_trained: int
+    best_fitness: float
+    stopped_early: bool
+    last_metrics: dict[str, Any]
+
+
+@dataclass
+class Run:
+    """Everything the epoch loop needs, built once by `setup`."""
+
+    opt: TrainOptions
+    hyp: Hyp
+    run_dir: Path
+    model: torch.nn.Module          # DDP-wrapped when distributed
+    ema: ModelEMA | None            # rank 0 only
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: YoloLoss
+    precision: Precision
+    device: torch.device
+    train_set: YoloDataset
+    train_loader: DataLoader
+    val_loader: DataLoader | None   # rank 0 only
+    names: list[str]
+    class_weights: np.ndarray       # (nc,) normalised inverse label frequency
+    state: TrainState
+    ctx: distributed.DistContext
+    logger: RunLogger
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
+    """project/name, or the first free project/name2, name3, ... (unless exist_ok)."""
+    path = project / name
+    if exist_ok or not path.exists():
+        return path
+    n = 2
+    while (project / f"{name}{n}").exists():
+        n += 1
+    return project / f"{name}{n}"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, batch_per_rank: int, ctx: distributed.DistContext) -> int:
+    """Workers per rank: at most what was asked, the batch size, and this rank's share of CPUs."""
+    share = available_cpus() // ctx.local_world_size
+    workers = min(requested, batch_per_rank, share)
+    if requested > 0 and workers == 0:
+        log.warning("rank %d: %d CPUs for %d local ranks leaves no dataloader workers; images load in the "
+                    "training process", ctx.rank, available_cpus(), ctx.local_world_size)
+    return workers
+
+
+def build_model_for(opt: TrainOptions, names: list[str]) -> YoloModel:
+    """Fresh from --cfg, or --weights (kfyolo or ultralytics) loaded where keys and shapes match."""
+    if not opt.weights:
+        return build_model(opt.cfg, names=names)
+    source = read_weights(opt.weights)
+    spec = load_model_spec(opt.cfg) if opt.cfg else load_model_spec(source.spec)
+    model = build_model(spec, names=names)
+    load_matching(model, source)
+    return model
+
+
+def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx: distributed.DistContext,
+                 device: torch.device) -> tuple[YoloDataset, DataLoader, DataLoader | None]:
+    batch = opt.batch_size // ctx.world_size
+    workers = loader_workers(opt.workers, batch, ctx)
+    scan_threads = max(1, available_cpus() // ctx.local_world_size)
+    train_set = YoloDataset.from_config(data, "train", img_size=opt.imgsz, batch_size=batch, augment=True,
+                                        hyp=hyp.to_dict(), rect=opt.rect, stride=stride,
+                                        seed=opt.seed + ctx.rank, workers=scan_threads)
+    sampler = DistributedSampler(train_set, shuffle=not opt.rect, seed=opt.seed) if ctx.distributed else None
+    train_loader = DataLoader(
+        train_set, batch_size=batch, sampler=sampler, shuffle=sampler is None and not opt.rect,
+        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn,
+        worker_init_fn=seed_worker, generator=torch.Generator(),
+        # Not persistent: workers are forked anew each epoch, so they see that epoch's `indices`.
+        persistent_workers=False)
+    val_loader = None
+    if ctx.is_main:
+        val_set = YoloDataset.from_config(data, "val", img_size=opt.imgsz, batch_size=batch * 2, augment=False,
+                                          rect=True, stride=stride, pad=0.5, workers=scan_threads)
+        val_loader = DataLoader(val_set, batch_size=batch * 2, shuffle=False, num_workers=workers,
+                                pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn)
+        log.info("%s", train_set.report.summary())
+        log.info("%s", val_set.report.summary())
+    return train_set, train_loader, val_loader
+
+
+def initial_maps(path: str, names: list[str], current: np.ndarray) -> np.ndarray:
+    """`--maps maps.json` from an earlier evaluation seeds the first epoch's image weights."""
+    if not path:
+        return current
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--maps {path}: cannot read ({e})") from e
+    maps = record.get("maps") if isinstance(record, dict) else record
+    if not isinstance(maps, list) or len(maps) != len(names):
+        raise ConfigError(f"--maps {path}: expected a list of {len(names)} per-class values under 'maps'")
+    values = np.asarray(maps, dtype=np.float64)
+    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+        raise ConfigError(f"--maps {path}: values must be finite and in [0, 1]")
+    return values
+
+
+def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
+          resume: dict[str, Any] | None = None) -> Run:
+    """Build the run folder, data, model, optimizer and loss; restore state when resuming."""
+    hyp = load_hyp(opt.hyp, dict(opt.hyp_overrides))
+    if opt.batch_size % ctx.world_size:
+        raise ConfigError(f"--batch-size {opt.batch_size} must be a multiple of the world size {ctx.world_size}")
+    data = load_data_config(opt.data)
+    names = list(data.names)
+    seed_everything(opt.seed + ctx.rank, opt.deterministic)
+    torch.set_num_threads(max(1, available_cpus() // ctx.local_world_size))
+
+    model = build_model_for(opt, names) if resume is None else build_model(resume["spec"], names=names)
+    model = model.to(device)
+    stride = max(int(model.stride.max()), 32)
+    if opt.imgsz % stride:
+        raise ConfigError(f"--imgsz {opt.imgsz} must be a multiple of the model's max stride {stride}")
+
+    if resume is not None:
+        run_dir = Path(opt.project) / opt.name
+    else:
+        chosen = str(next_run_dir(Path(opt.project), opt.name, opt.exist_ok)) if ctx.is_main else ""
+        run_dir = Path(distributed.broadcast_object(chosen))
+    logger = RunLogger(run_dir, names, enabled=ctx.is_main)
+    if ctx.is_main:
+        (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        save_yaml(hyp.to_dict(), run_dir / "hyp.yaml")
+        save_yaml(opt.to_dict(), run_dir / "opt.yaml")
+        log.info("%s: %s at 640x640", model.spec.name, summarise(model, 640))
+
+    train_set, train_loader, val_loader = make_loaders(opt, hyp, data, stride, ctx, device)
+    precision = resolve_precision(opt.amp, device)
+    optimizer = build_optimizer(model, opt.optimizer, hyp.lr0, hyp.momentum,
+                                scaled_weight_decay(hyp.weight_decay, opt.batch_size))
+    for g in optimizer.param_groups:
+        g["initial_lr"] = hyp.lr0
+    if opt.sync_bn and ctx.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ema = ModelEMA(model) if ctx.is_main else None
+    scaler = precision.grad_scaler()
+    state = TrainState(maps=np.zeros(len(names)), accumulate=nominal_accumulate(opt.batch_size))
+    if resume is not None:
+        state = restore_state(resume, model, ema, optimizer, scaler)
+    state.maps = initial_maps(opt.maps, names, state.maps)
+    if ctx.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    det = unwrap(model).detect
+    loss_fn = YoloLoss(det.anchors, len(names), scale_loss_gains(hyp.to_dict(), det.nl, len(names), opt.imgsz))
+    logger.info("precision %s on %s; %d images/step (batch %d x accumulate %d); %d dataloader workers per rank",
+                precision.name, device, opt.batch_size * state.accumulate, opt.batch_size, state.accumulate,
+                train_loader.num_workers)
+    return Run(opt, hyp, run_dir, model, ema, optimizer, scaler, loss_fn, precision, device, train_set,
+               train_loader, val_loader, names, iw.class_weights(train_set.labels, len(names)), state, ctx, logger)
+
+
+def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | None,
+                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> TrainState:
+    from trainer.state import restore_rng
+
+    model.load_state_dict(ckpt["raw_model"])
+    if ema is not None:
+        ema.load_state_dict({"model": ckpt["model"], "updates": ckpt["ema_updates"]})
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt.get("rng"))
+    return TrainState.from_dict(ckpt["train_state"])
+
+
+# ---------------------------------------------------------------------------------------- epochs
+
+def weight_images(run: Run, epoch: int) -> None:
+    """Rank 0 draws this epoch's image list from class_weights * (1 - maps)^2 and broadcasts it;
+    each rank's sampler then takes its own disjoint shard of the same list."""
+    ds, nc = run.train_set, len(run.names)
+    indices = torch.zeros(ds.n, dtype=torch.int64)
+    cw = iw.epoch_class_weights(run.class_weights, run.state.maps)
+    if run.ctx.is_main:
+        drawn = iw.draw_indices(iw.image_weights(ds.labels, nc, cw), ds.n, run.opt.seed, epoch)
+        indices = torch.as_tensor(np.asarray(drawn), dtype=torch.int64)
+    ds.indices = distributed.broadcast_tensor(indices, src=0).numpy()
+    run.logger.image_weights({
+        "epoch": epoch,
+        "names": run.names,
+        "maps": [round(float(m), 6) for m in run.state.maps],
+        "class_weights": [float(w) for w in cw / max(float(cw.sum()), 1e-12)],
+        "class_draws": [int(c) for c in iw.draw_counts(ds.indices, ds.labels, nc)],
+        "class_labels": [int(c) for c in iw.class_counts(ds.labels, nc)],
+    })
+
+
+def epoch_plan(run: Run, epoch: int) -> EpochPlan:
+    opt, hyp = run.opt, run.hyp
+    nb = len(run.train_loader)
+    return EpochPlan(
+        epoch=epoch, epochs=opt.epochs, batches=nb, warmup_iters=warmup_iterations(hyp.warmup_epochs, nb),
+        total_batch_size=opt.batch_size, imgsz=opt.imgsz, stride=max(int(unwrap(run.model).stride.max()), 32),
+        multi_scale=opt.multi_scale, world_size=run.ctx.world_size, warmup_bias_lr=hyp.warmup_bias_lr,
+        warmup_momentum=hyp.warmup_momentum, momentum=hyp.momentum,
+        lr_factor=lr_factor(opt.epochs, hyp.lrf, opt.linear_lr)(epoch))
+
+
+def validate_epoch(run: Run, final: bool) -> dict[str, Any]:
+    if not run.ctx.is_main or (run.opt.noval and not final):
+        return {}
+    return run_validation(run.ema.ema, run.val_loader, run.device, run.names, run.precision, run.loss_fn)
+
+
+def save_epoch(run: Run, metrics: dict[str, Any], is_best: bool) -> None:
+    model = unwrap(run.model)
+    ckpt = build_checkpoint(
+        ema_model=run.ema.ema, raw_model=model, ema_updates=run.ema.updates, optimizer=run.optimizer,
+        scaler=run.scaler, state=run.state, hyp=run.hyp.to_dict(), opt=run.opt.to_dict(),
+        spec=model.spec.to_dict(), names=run.names,
+        metrics={k: float(metrics[k]) for k in ("precision", "recall", "map50", "map") if k in metrics})
+    weights = run.run_dir / "weights"
+    save_checkpoint(ckpt, weights / "last.pt")
+    if is_best:
+        save_checkpoint(ckpt, weights / "best.pt")
+    if "maps" in metrics:
+        maps = {"names": run.names, "maps": [float(m) for m in run.state.maps], "epoch": run.state.epoch - 1}
+        (run.run_dir / "maps.json").write_text(json.dumps(maps, indent=1))
+
+
+def run_epochs(run: Run) -> TrainResult:
+    opt, state, ctx = run.opt, run.state, run.ctx
+    stop = opt.stop_epoch or opt.epochs
+    counter = StepCounter(state.last_opt_step, state.accumulate)
+    metrics: dict[str, Any] = {}
+    stopped_early = False
+    start = state.epoch
+    for epoch in range(start, stop):
+        if opt.image_weights:
+            weight_images(run, epoch)
+        if isinstance(run.train_loader.sampler, DistributedSampler):
+            run.train_loader.sampler.set_epoch(epoch)
+        # Shuffling, augmentation and multi-scale sizes are functions of (seed, epoch): resumable.
+        run.train_loader.generator.manual_seed(opt.seed * 100003 + epoch)
+        run.train_set.set_epoch(epoch)
+        rng = random.Random(f"{opt.seed}-{epoch}-multiscale")
+        train_stats = train_one_epoch(run.model, run.loss_fn, run.optimizer, run.scaler, run.ema, run.train_loader,
+                                      epoch_plan(run, epoch), counter, run.precision, run.device, rng, run.logger)
+        state.last_opt_step, state.accumulate = counter.last_opt_step, counter.accumulate
+        metrics = validate_epoch(run, final=epoch + 1 == opt.epochs)
+        state.epoch = epoch + 1
+        stop_now = False
+        if ctx.is_main:
+            is_best = False
+            if metrics:
+                state.maps = np.asarray(metrics["maps"], dtype=np.float64)
+                fi = fitness(metrics)
+                if fi > state.best_fitness or state.best_epoch < 0:
+                    state.best_fitness, state.best_epoch, is_best = fi, epoch, True
+            save_epoch(run, metrics, is_best)
+            run.logger.epoch_end(epoch, {**train_stats, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
+            stop_now = bool(opt.patience) and epoch - state.best_epoch >= opt.patience
+            if stop_now:
+                run.logger.info("early stop: no fitness improvement for %d epochs (best %.4f at epoch %d)",
+                                opt.patience, state.best_fitness, state.best_epoch)
+        stopped_early = bool(distributed.broadcast_object(stop_now))
+        distributed.barrier()
+        if stopped_early:
+            break
+    return TrainResult(run.run_dir, state.epoch - start, state.best_fitness, stopped_early, metrics)
+
+
+def finish(run: Run) -> None:
+    """At the end of the full schedule best.pt loses its optimizer state (it is for inference)."""
+    if not run.ctx.is_main:
+        return
+    best = run.run_dir / "weights" / "best.pt"
+    if best.exists() and run.state.epoch >= run.opt.epochs:
+        from trainer.checkpoint import load_checkpoint
+
+        save_checkpoint(strip_for_inference(load_checkpoint(best)), best)
+
+
+def fit(opt: TrainOptions, local_rank: int | None = None, resume: dict[str, Any] | None = None) -> TrainResult:
+    """Run training as this process's part of the job (world size from the torchrun environment)."""
+    ctx = distributed.env_context(local_rank)
+    device = distributed.select_device(opt.device, ctx.local_rank)
+    ctx = distributed.init_distributed(ctx, device)
+    run = None
+    try:
+        run = setup(opt, ctx, device, resume)
+        result = run_epochs(run)
+        finish(run)
+        return result
+    finally:
+        if run is not None:
+            run.logger.close()
+        distributed.cleanup()

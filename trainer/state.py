@@ -1,0 +1,101 @@
+"""Training state carried across epochs and into checkpoints, and the checkpoint dict itself.
+
+Everything stored is a tensor or a plain Python value so checkpoints load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer import __version__
+
+CHECKPOINT_FORMAT = "kfyolo-checkpoint-v1"
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0                 # next epoch to train
+    best_fitness: float = 0.0
+    best_epoch: int = -1
+    maps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (nc,) AP@.5:.95 per class
+    last_opt_step: int = -1
+    accumulate: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "best_fitness": float(self.best_fitness), "best_epoch": self.best_epoch,
+                "maps": [float(m) for m in self.maps], "last_opt_step": self.last_opt_step,
+                "accumulate": self.accumulate}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(epoch=int(d["epoch"]), best_fitness=float(d["best_fitness"]), best_epoch=int(d["best_epoch"]),
+                   maps=np.asarray(d["maps"], dtype=np.float64), last_opt_step=int(d["last_opt_step"]),
+                   accumulate=int(d["accumulate"]))
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states as weights_only-safe values."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def build_checkpoint(*, ema_model: torch.nn.Module, raw_model: torch.nn.Module, ema_updates: int,
+                     optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None,
+                     state: TrainState, hyp: dict, opt: dict, spec: dict, names: list[str],
+                     metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """`model` holds the EMA weights (what inference and fine-tuning want); the rest is for resume."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "epoch": state.epoch - 1,  # last completed epoch
+        "model": {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()},
+        "raw_model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()},
+        "ema_updates": ema_updates,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "train_state": state.to_dict(),
+        "maps": [float(m) for m in state.maps],
+        "best_fitness": float(state.best_fitness),
+        "hyp": dict(hyp),
+        "opt": dict(opt),
+        "spec": dict(spec),
+        "names": list(names),
+        "metrics": dict(metrics or {}),
+        "rng": capture_rng(),
+    }
+
+
+def strip_for_inference(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """best.pt at the end of a run: drop optimizer and raw weights (about 3x smaller)."""
+    out = dict(ckpt)
+    out.update(optimizer=None, raw_model=None, scaler=None)
+    return out

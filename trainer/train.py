@@ -1,0 +1,131 @@
+"""Train a YOLOv5 detector with the classic epoch loop.
+
+One process (CPU or one GPU):
+    python -m trainer.train --data data.yaml --cfg yolov5n --imgsz 256 --epochs 30 --image-weights --device cpu
+
+torchrun on one node (2 processes; --batch-size is the total over ranks):
+    torchrun --standalone --nproc_per_node 2 -m trainer.train --data data.yaml --cfg yolov5n --batch-size 32
+
+Two nodes (what a PyTorchJob pod runs; the operator sets the PET_* variables):
+    torchrun --nnodes $PET_NNODES --nproc_per_node $PET_NPROC_PER_NODE --node_rank $PET_NODE_RANK \\
+             --master_addr $PET_MASTER_ADDR --master_port $PET_MASTER_PORT -m trainer.train ...
+
+Resume the latest run, or a given checkpoint; train only epochs up to 20 of the schedule:
+    python -m trainer.train --resume                     # newest runs/train/*/weights/last.pt
+    python -m trainer.train --resume runs/train/exp/weights/last.pt --stop-epoch 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from trainer import distributed
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.config import ConfigError, TrainOptions, parse_overrides
+from trainer.data.config import DataConfigError
+from trainer.data.labels import DatasetError
+from trainer.engine import NonFiniteLossError
+from trainer.models.foreign_pickle import UnsafePickleError
+from trainer.models.yolo import ModelConfigError
+
+log = logging.getLogger("trainer")
+
+# Options a resumed run may change; anything else must match the checkpoint.
+RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
+    a = p.add_argument
+    a("--data", help="data YAML (path/train/val/names)")
+    a("--cfg", help="model: yolov5n|s|m|l|x or an architecture YAML (default yolov5n)")
+    a("--weights", help="initial weights: a kfyolo checkpoint or an official ultralytics YOLOv5 .pt")
+    a("--hyp", help="hyperparameter YAML or hyp.scratch / hyp.finetune (default hyp.scratch)")
+    a("--hyp-override", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+    a("--epochs", type=int, help="length of the whole schedule (default 100)")
+    a("--stop-epoch", type=int, help="stop after this epoch of the schedule (train a block of it)")
+    a("--batch-size", type=int, help="total batch size over all ranks (default 16)")
+    a("--imgsz", "--img-size", "--img", dest="imgsz", type=int, help="train/val image size in pixels (default 640)")
+    a("--image-weights", action="store_const", const=True, help="sample images by class_weights * (1 - maps)^2")
+    a("--multi-scale", action="store_const", const=True, help="random image size in [0.5, 1.5] x imgsz per batch")
+    a("--rect", action="store_const", const=True, help="rectangular training batches")
+    a("--resume", nargs="?", const="latest", help="resume a run from its last.pt (default: the newest run)")
+    a("--device", help="cpu, a CUDA index like 0, or empty for auto")
+    a("--workers", type=int, help="max dataloader workers per rank (default 8; capped by the CPUs available)")
+    a("--project", help="parent folder of runs (default runs/train)")
+    a("--name", help="run name; runs/train/NAME, NAME2, ... (default exp)")
+    a("--exist-ok", action="store_const", const=True, help="reuse project/name instead of incrementing")
+    a("--seed", type=int, help="global seed (default 0)")
+    a("--sync-bn", action="store_const", const=True, help="SyncBatchNorm across ranks (DDP only)")
+    a("--optimizer", choices=["SGD", "Adam", "AdamW"], help="default SGD (Nesterov)")
+    a("--linear-lr", action="store_const", const=True, help="linear LR decay instead of cosine")
+    a("--patience", type=int, help="early-stop after this many epochs without improvement (default 100; 0 = off)")
+    a("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision (default auto: fp16 on CUDA, bf16 on CPUs with native bf16)")
+    a("--noval", action="store_const", const=True, help="validate only after the final epoch")
+    a("--maps", help="maps.json from an earlier evaluation: seeds the first epoch's image weights")
+    a("--deterministic", action="store_const", const=True, help="deterministic algorithms (slower)")
+    a("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def latest_checkpoint(search: Path = Path("runs")) -> Path:
+    found = sorted(search.rglob("last.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointError(f"--resume: no last.pt under {search}/")
+    return found[-1]
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, dict[str, Any] | None]:
+    """Flags -> TrainOptions; for --resume, the checkpoint's options with the allowed changes."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "local_rank"}
+    if "hyp_override" in given:
+        given["hyp_overrides"] = tuple(sorted(parse_overrides(given.pop("hyp_override")).items()))
+    if "resume" not in given:
+        return TrainOptions(**given), None
+    path = latest_checkpoint() if given["resume"] == "latest" else Path(given["resume"])
+    ckpt = load_checkpoint(path)
+    if ckpt.get("optimizer") is None or ckpt.get("raw_model") is None:
+        raise CheckpointError(f"--resume {path}: this checkpoint was stripped for inference; resume from last.pt")
+    saved = TrainOptions.from_dict(ckpt["opt"])
+    for key, value in given.items():
+        if key not in RESUME_MUTABLE and getattr(saved, key) != value:
+            raise ConfigError(f"--resume: --{key.replace('_', '-')} {value} differs from the checkpoint's "
+                              f"{getattr(saved, key)!r}; a resumed run keeps its configuration")
+    run_dir = path.resolve().parent.parent
+    changes = {k: v for k, v in given.items() if k in RESUME_MUTABLE}
+    changes.update(resume=str(path), project=str(run_dir.parent), name=run_dir.name, exist_ok=True)
+    if "stop_epoch" not in given:
+        changes["stop_epoch"] = 0
+    if ckpt["train_state"]["epoch"] >= saved.epochs:
+        raise ConfigError(f"--resume {path}: the run already finished all {saved.epochs} epochs")
+    return saved.replace(**changes), ckpt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    is_main = distributed.env_context(args.local_rank).is_main
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s", force=True)
+    from trainer.fit import fit  # heavy imports after argument errors have had their chance
+
+    try:
+        opt, ckpt = options_from_args(args)
+        result = fit(opt, args.local_rank, ckpt)
+    except (ConfigError, DataConfigError, DatasetError, CheckpointError, ModelConfigError, UnsafePickleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, distributed.DistributedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if is_main:
+        log.info("%d epochs trained%s; best fitness %.4f; results in %s", result.epochs_trained,
+                 " (early stop)" if result.stopped_early else "", result.best_fitness, result.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
