@@ -198,6 +198,9 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
         log.info("%s: %s at 640x640", model.spec.name, summarise(model, 640))
 
     train_set, train_loader, val_loader = make_loaders(opt, hyp, data, stride, ctx, device)
+    if ctx.is_main:  # what validation kept, skipped and why, next to the results
+        reports = {"train": train_set.report.to_dict(), "val": val_loader.dataset.report.to_dict()}
+        (run_dir / "dataset_report.json").write_text(json.dumps(reports, indent=1))
     precision = resolve_precision(opt.amp, device)
     optimizer = build_optimizer(model, opt.optimizer, hyp.lr0, hyp.momentum,
                                 scaled_weight_decay(hyp.weight_decay, opt.batch_size))
