@@ -149,8 +149,9 @@ class YoloLoss:
         assigned = assign_targets(targets.to(device), self.anchors.to(device),
                                   [(p.shape[2], p.shape[3]) for p in preds], self.gains.anchor_t)
         for level, (p, tg) in enumerate(zip(preds, assigned)):
-            p = p.float()  # loss maths in fp32 even under autocast
-            tobj = torch.zeros(p.shape[:4], device=device)  # (B, na, H, W)
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p = p.float()  # loss maths in fp32 even under autocast
+            tobj = torch.zeros(p.shape[:4], device=device, dtype=p.dtype)  # (B, na, H, W)
             n = tg.image.shape[0]
             if n:
                 ps = p[tg.image, tg.anchor, tg.gj, tg.gi]  # (n, 5 + nc)

@@ -41,7 +41,7 @@ def _as_array(x: Any, cols: int, what: str) -> np.ndarray:
 def _check_classes(cls: np.ndarray, nc: int, what: str) -> None:
     bad = (cls != np.round(cls)) | (cls < 0) | (cls >= nc)
     if bad.any():
-        raise ValueError(f"{what}: class {cls[bad][0]!r} is not an integer in [0, {nc})")
+        raise ValueError(f"{what}: class {cls[bad][0].item()!r} is not an integer in [0, {nc})")
 
 
 def _xyxy_to_xywh(b: np.ndarray) -> np.ndarray:
