@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -48,7 +49,9 @@ class RunLogger:
         if not self.enabled:
             return loader
         log.info(("\n" + "%10s" * len(TRAIN_HEADER)) % TRAIN_HEADER)
-        return tqdm(loader, total=total, bar_format="{l_bar}{bar:10}{r_bar}", dynamic_ncols=False)
+        # In pod logs and CI (no terminal) a redraw per batch floods the log; update twice a minute.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        return tqdm(loader, total=total, bar_format="{l_bar}{bar:10}{r_bar}", mininterval=interval)
 
     def batch(self, bar: Any, epoch: int, epochs: int, mloss: torch.Tensor, n_targets: int, img_size: int,
               device: torch.device) -> None:

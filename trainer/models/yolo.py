@@ -236,9 +236,11 @@ class YoloModel(nn.Module):
 
 def _fix_anchor_order(detect: Detect) -> None:
     """Anchor sizes must grow with stride; flip them if a YAML lists levels the other way."""
-    area = detect.anchors.prod(-1).mean(-1) * detect.stride ** 2  # mean pixel area per level
+    stride = detect.stride.view(-1, 1, 1)
+    anchors_px = detect.anchors * stride  # (nl, na, 2) back to pixels: the flip happens there
+    area = anchors_px.prod(-1).mean(-1)  # mean pixel area per level
     if (area[-1] - area[0]).sign() != (detect.stride[-1] - detect.stride[0]).sign():
-        detect.anchors[:] = detect.anchors.flip(0)
+        detect.anchors[:] = anchors_px.flip(0) / stride
 
 
 def build_model(cfg: str | Path | dict | ModelSpec, nc: int | None = None,
