@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.metrics.coco import evaluate_coco, load_coco_dt, load_coco_gt  # noqa: E402
+from trainer.metrics.coco import evaluate_coco  # noqa: E402
+from trainer.metrics.coco_json import load_coco_dt, load_coco_gt  # noqa: E402
 
 
 def synthetic_set(n_images: int, n_classes: int = 80, seed: int = 0) -> tuple[dict, list]:

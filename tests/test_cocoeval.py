@@ -20,9 +20,8 @@ from trainer.metrics.coco import (
     CocoGT,
     bbox_iou_xywh,
     evaluate_coco,
-    load_coco_dt,
-    load_coco_gt,
 )
+from trainer.metrics.coco_json import load_coco_dt, load_coco_gt
 
 TOL = 1e-6
 

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from trainer.metrics.coco import CocoFormatError, evaluate_coco, load_coco_dt, load_coco_gt
+from trainer.metrics.coco import CocoFormatError, evaluate_coco
+from trainer.metrics.coco_json import load_coco_dt, load_coco_gt
 
 # (title, kind, IoU label, area label, maxDets) per stat, in COCOeval.summarize's order
 _LINES = (

@@ -130,7 +130,7 @@ class TrainOptions:
     """Everything a training run was asked to do (the CLI flags), saved as opt.yaml."""
 
     data: str = ""
-    cfg: str = "yolov5n"
+    cfg: str = ""                 # architecture; empty = the --weights file's, else yolov5n
     weights: str = ""
     hyp: str = "hyp.scratch"
     hyp_overrides: tuple[tuple[str, Any], ...] = ()

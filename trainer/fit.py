@@ -117,7 +117,7 @@ def loader_workers(requested: int, batch_per_rank: int, ctx: distributed.DistCon
 def build_model_for(opt: TrainOptions, names: list[str]) -> YoloModel:
     """Fresh from --cfg, or --weights (kfyolo or ultralytics) loaded where keys and shapes match."""
     if not opt.weights:
-        return build_model(opt.cfg, names=names)
+        return build_model(opt.cfg or "yolov5n", names=names)
     source = read_weights(opt.weights)
     spec = load_model_spec(opt.cfg) if opt.cfg else load_model_spec(source.spec)
     model = build_model(spec, names=names)
@@ -326,7 +326,7 @@ def run_epochs(run: Run) -> TrainResult:
                     state.best_fitness, state.best_epoch, is_best = fi, epoch, True
             save_epoch(run, metrics, is_best)
             run.logger.epoch_end(epoch, {**train_stats, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
-            stop_now = bool(opt.patience) and epoch - state.best_epoch >= opt.patience
+            stop_now = bool(opt.patience and metrics) and epoch - state.best_epoch >= opt.patience
             if stop_now:
                 run.logger.info("early stop: no fitness improvement for %d epochs (best %.4f at epoch %d)",
                                 opt.patience, state.best_fitness, state.best_epoch)

@@ -56,8 +56,9 @@ class RunLogger:
     def batch(self, bar: Any, epoch: int, epochs: int, mloss: torch.Tensor, n_targets: int, img_size: int,
               device: torch.device) -> None:
         if self.enabled and isinstance(bar, tqdm):
+            # refresh=False: let tqdm's mininterval decide when to redraw
             bar.set_description(("%10s" * 2 + "%10.4g" * 6) % (
-                f"{epoch}/{epochs - 1}", _memory_string(device), *mloss.tolist(), n_targets, img_size))
+                f"{epoch}/{epochs - 1}", _memory_string(device), *mloss.tolist(), n_targets, img_size), refresh=False)
 
     def train_batch_images(self, ni: int, epoch: int, imgs: torch.Tensor, targets: torch.Tensor,
                            paths: Sequence[str]) -> None:

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     a = p.add_argument
     a("--data", help="data YAML (path/train/val/names)")
-    a("--cfg", help="model: yolov5n|s|m|l|x or an architecture YAML (default yolov5n)")
+    a("--cfg", help="model: yolov5n|s|m|l|x or an architecture YAML (default: the --weights architecture, else yolov5n)")
     a("--weights", help="initial weights: a kfyolo checkpoint or an official ultralytics YOLOv5 .pt")
     a("--hyp", help="hyperparameter YAML or hyp.scratch / hyp.finetune (default hyp.scratch)")
     a("--hyp-override", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")

@@ -1,0 +1,101 @@
+"""Loop wiring: shuffling, worker sizing, early stopping and maps-driven image weighting."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import RandomSampler, SequentialSampler
+
+from trainer import distributed
+from trainer.config import ConfigError, TrainOptions
+from trainer.fit import initial_maps, loader_workers, next_run_dir, setup
+from trainer.train import main
+
+
+def _opt(data, tmp_path, **kw):
+    return TrainOptions(data=str(data), cfg="yolov5n", imgsz=64, batch_size=4, device="cpu", workers=1,
+                        project=str(tmp_path), epochs=1, **kw)
+
+
+def test_training_data_is_shuffled_without_ddp(tmp_path, synthetic_yaml):
+    run = setup(_opt(synthetic_yaml, tmp_path), distributed.DistContext(), torch.device("cpu"))
+    try:
+        assert isinstance(run.train_loader.sampler, RandomSampler)  # YOLOv5 mid-2020 forgot this
+        assert isinstance(run.val_loader.sampler, SequentialSampler)
+        assert run.val_loader.dataset.rect and not run.val_loader.dataset.augment
+    finally:
+        run.logger.close()
+
+
+def test_rect_training_keeps_order(tmp_path, synthetic_yaml):
+    run = setup(_opt(synthetic_yaml, tmp_path, rect=True), distributed.DistContext(), torch.device("cpu"))
+    try:
+        assert isinstance(run.train_loader.sampler, SequentialSampler)
+    finally:
+        run.logger.close()
+
+
+def test_workers_are_sized_to_the_cpus_per_local_rank(monkeypatch):
+    monkeypatch.setattr("trainer.fit.available_cpus", lambda: 8)
+    one = distributed.DistContext()
+    four = distributed.DistContext(rank=1, world_size=4, local_world_size=4)
+    assert loader_workers(8, 16, one) == 8
+    assert loader_workers(8, 16, four) == 2
+    assert loader_workers(8, 1, one) == 1  # never more workers than images per batch
+    monkeypatch.setattr("trainer.fit.available_cpus", lambda: 2)
+    assert loader_workers(8, 16, four) == 0  # and it says so (warning), not silently
+
+
+def test_run_dirs_increment(tmp_path):
+    assert next_run_dir(tmp_path, "exp", False) == tmp_path / "exp"
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp2").mkdir()
+    assert next_run_dir(tmp_path, "exp", False) == tmp_path / "exp3"
+    assert next_run_dir(tmp_path, "exp", True) == tmp_path / "exp"
+
+
+def test_initial_maps_validation(tmp_path):
+    names = ["a", "b"]
+    p = tmp_path / "maps.json"
+    p.write_text(json.dumps({"maps": [0.25, 0.75]}))
+    assert initial_maps(str(p), names, np.zeros(2)).tolist() == [0.25, 0.75]
+    p.write_text(json.dumps([0.5, 1.5]))
+    with pytest.raises(ConfigError, match="in \\[0, 1\\]"):
+        initial_maps(str(p), names, np.zeros(2))
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        initial_maps(str(p), names, np.zeros(2))
+    assert initial_maps("", names, np.ones(2)).tolist() == [1, 1]
+
+
+def test_patience_stops_a_run_that_does_not_improve(tmp_path, synthetic_yaml):
+    # With zero learning rates the model never improves: best stays at epoch 0.
+    code = main(["--data", str(synthetic_yaml), "--cfg", "yolov5n", "--imgsz", "64", "--batch-size", "4",
+                 "--device", "cpu", "--workers", "0", "--project", str(tmp_path), "--name", "p", "--epochs", "6",
+                 "--patience", "2", "--hyp-override", "lr0=1e-12", "--hyp-override", "warmup_bias_lr=0"])
+    assert code == 0
+    rows = list(csv.DictReader((tmp_path / "p" / "results.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+
+
+def test_maps_from_an_evaluation_steer_the_first_epoch(tmp_path, synthetic_yaml):
+    """Common classes detected perfectly, the rare one not at all: the rare class's images should
+    be drawn far above its label share."""
+    maps = tmp_path / "maps.json"
+    maps.write_text(json.dumps({"maps": [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]}))
+    code = main(["--data", str(synthetic_yaml), "--cfg", "yolov5n", "--imgsz", "64", "--batch-size", "4",
+                 "--device", "cpu", "--workers", "0", "--project", str(tmp_path), "--name", "m", "--epochs", "1",
+                 "--image-weights", "--maps", str(maps), "--noval"])
+    assert code == 0
+    record = json.loads((tmp_path / "m" / "image_weights.jsonl").read_text().splitlines()[0])
+    assert record["maps"] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert record["class_weights"] == pytest.approx([0, 0, 0, 0, 0, 1])
+    draws, labels = record["class_draws"], record["class_labels"]
+    assert labels[5] > 0
+    # Only images holding a hexagon have weight, so each of the 24 drawn images contains one.
+    assert draws[5] >= 24
+    assert draws[5] / sum(draws) > 3 * labels[5] / sum(labels)

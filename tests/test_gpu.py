@@ -1,0 +1,39 @@
+"""CUDA-only checks: fp16 autocast with GradScaler through the real epoch loop. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer import distributed
+from trainer.amp import resolve_precision
+from trainer.config import TrainOptions
+from trainer.engine import StepCounter, train_one_epoch
+from trainer.fit import epoch_plan, setup
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_auto_precision_is_fp16_with_a_scaler_on_cuda():
+    p = resolve_precision("auto", torch.device("cuda", 0))
+    assert p.dtype == torch.float16 and p.grad_scaler().is_enabled()
+
+
+def test_one_fp16_epoch_on_cuda_updates_weights(tmp_path, synthetic_yaml):
+    opt = TrainOptions(data=str(synthetic_yaml), cfg="yolov5n", imgsz=64, batch_size=8, device="0", workers=2,
+                       project=str(tmp_path), epochs=1)
+    run = setup(opt, distributed.DistContext(), torch.device("cuda", 0))
+    try:
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        counter = StepCounter(-1, run.state.accumulate)
+        import random
+
+        stats = train_one_epoch(run.model, run.loss_fn, run.optimizer, run.scaler, run.ema, run.train_loader,
+                                epoch_plan(run, 0), counter, run.precision, run.device, random.Random(0), run.logger)
+        assert run.precision.name == "fp16" and run.scaler.is_enabled()
+        assert torch.isfinite(torch.tensor(list(stats.values()))).all()
+        changed = [k for k, v in run.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+        assert changed, "no weight moved after an fp16 epoch"
+        assert 0 < run.scaler.get_scale() < 2**24
+    finally:
+        run.logger.close()
