@@ -1,8 +1,11 @@
 """Mixed precision: which autocast dtype to use and whether gradients need a scaler.
 
 CUDA: fp16 autocast with GradScaler (fp16's narrow range needs loss scaling).
-CPU: bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16); bf16 keeps fp32's exponent
-range, so no scaler is needed. The loss itself is always computed in fp32.
+CPU: fp32 by default. `--amp bf16` autocasts to bf16 where the CPU has native bf16 (AMX /
+AVX512-BF16); it keeps fp32's exponent range, so no scaler is needed. On a 2-core AMX machine it
+trained yolov5n 1.5x faster, but its gradients at initialisation point noticeably away from fp32's
+(cosine ~0.73 against an fp64 reference, fp32: 1.0000) and a 30-epoch synthetic run ended lower
+(mAP@.5:.95 0.022 vs 0.034), so it is opt-in. The loss itself is always computed in fp32.
 """
 
 from __future__ import annotations
@@ -53,5 +56,5 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     if amp == "auto":
         if device.type == "cuda":
             return Precision("cuda", torch.float16)
-        return Precision("cpu", torch.bfloat16 if cpu_has_native_bf16() else None)
+        return Precision(device.type, None)
     raise ValueError(f"--amp must be auto, fp16, bf16 or off, got {amp!r}")

@@ -172,6 +172,8 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
           resume: dict[str, Any] | None = None) -> Run:
     """Build the run folder, data, model, optimizer and loss; restore state when resuming."""
     hyp = load_hyp(opt.hyp, dict(opt.hyp_overrides))
+    if opt.sync_bn and ctx.distributed and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
     if opt.batch_size % ctx.world_size:
         raise ConfigError(f"--batch-size {opt.batch_size} must be a multiple of the world size {ctx.world_size}")
     data = load_data_config(opt.data)
@@ -242,16 +244,25 @@ def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | 
 
 # ---------------------------------------------------------------------------------------- epochs
 
-def weight_images(run: Run, epoch: int) -> None:
-    """Rank 0 draws this epoch's image list from class_weights * (1 - maps)^2 and broadcasts it;
-    each rank's sampler then takes its own disjoint shard of the same list."""
-    ds, nc = run.train_set, len(run.names)
-    indices = torch.zeros(ds.n, dtype=torch.int64)
-    cw = iw.epoch_class_weights(run.class_weights, run.state.maps)
-    if run.ctx.is_main:
-        drawn = iw.draw_indices(iw.image_weights(ds.labels, nc, cw), ds.n, run.opt.seed, epoch)
+def epoch_indices(labels: list[np.ndarray], nc: int, class_weights: np.ndarray, maps: np.ndarray, seed: int,
+                  epoch: int, is_main: bool) -> np.ndarray:
+    """This epoch's image list: rank 0 draws n indices from class_weights * (1 - maps)^2 seeded by
+    (seed, epoch) and broadcasts them (in a tensor on the device the backend needs), so every rank
+    holds rank 0's list whatever its own maps say. Each rank's sampler then takes a disjoint shard."""
+    indices = torch.zeros(len(labels), dtype=torch.int64)
+    if is_main:
+        cw = iw.epoch_class_weights(class_weights, maps)
+        drawn = iw.draw_indices(iw.image_weights(labels, nc, cw), len(labels), seed, epoch)
         indices = torch.as_tensor(np.asarray(drawn), dtype=torch.int64)
-    ds.indices = distributed.broadcast_tensor(indices, src=0).numpy()
+    return distributed.broadcast_tensor(indices, src=0).numpy()
+
+
+def weight_images(run: Run, epoch: int) -> None:
+    """Set `dataset.indices` for the epoch and record the weighting (rank 0)."""
+    ds, nc = run.train_set, len(run.names)
+    ds.indices = epoch_indices(ds.labels, nc, run.class_weights, run.state.maps, run.opt.seed, epoch,
+                               run.ctx.is_main)
+    cw = iw.epoch_class_weights(run.class_weights, run.state.maps)
     run.logger.image_weights({
         "epoch": epoch,
         "names": run.names,

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--optimizer", choices=["SGD", "Adam", "AdamW"], help="default SGD (Nesterov)")
     a("--linear-lr", action="store_const", const=True, help="linear LR decay instead of cosine")
     a("--patience", type=int, help="early-stop after this many epochs without improvement (default 100; 0 = off)")
-    a("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision (default auto: fp16 on CUDA, bf16 on CPUs with native bf16)")
+    a("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision (default auto: fp16 + GradScaler on CUDA, fp32 on CPU; bf16 is opt-in on CPU)")
     a("--noval", action="store_const", const=True, help="validate only after the final epoch")
     a("--maps", help="maps.json from an earlier evaluation: seeds the first epoch's image weights")
     a("--deterministic", action="store_const", const=True, help="deterministic algorithms (slower)")
