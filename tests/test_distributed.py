@@ -106,3 +106,18 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     assert elapsed < 60
     info = torch.load(tmp_path / "rank0.pt")
     assert info["error"] and info["after_s"] < 30
+
+
+def test_a_rank_that_cannot_reach_the_master_fails_naming_the_address(tmp_path, synthetic_yaml):
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", "--data", str(synthetic_yaml), "--device", "cpu",
+                           "--dist-timeout", "5", "--project", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1
+    assert f"rank 1: cannot join the process group at 127.0.0.1:{port} within 5 s" in proc.stderr
+    assert elapsed < 60  # bounded by the timeout (plus interpreter start), not a hang
+    assert not any(tmp_path.iterdir())  # nothing written by a rank that never joined

@@ -156,6 +156,7 @@ class TrainOptions:
     maps: str = ""                # maps.json from an earlier evaluation, seeds image weights
     stop_epoch: int = 0           # train epochs [start, stop) of an `epochs` schedule; 0 = all
     deterministic: bool = False
+    dist_timeout: float = 1800.0  # seconds a collective (or joining the group) may wait for a peer
 
     def __post_init__(self) -> None:
         checks = [
@@ -164,6 +165,7 @@ class TrainOptions:
             (self.imgsz >= 32, f"--imgsz must be >= 32, got {self.imgsz}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
+            (self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
             (self.optimizer in ("SGD", "Adam", "AdamW"), f"--optimizer must be SGD, Adam or AdamW, got {self.optimizer!r}"),
             (self.amp in ("auto", "fp16", "bf16", "off"), f"--amp must be auto, fp16, bf16 or off, got {self.amp!r}"),
             (0 <= self.stop_epoch <= self.epochs, f"--stop-epoch must be in [0, --epochs], got {self.stop_epoch}"),

@@ -87,8 +87,9 @@ def init_distributed(ctx: DistContext, device: torch.device, timeout_s: float = 
         dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as e:
-        raise DistributedError(f"rank {ctx.rank}: cannot join the process group at {addr} "
-                               f"({type(e).__name__}: {e})") from e
+        first_line = (str(e).strip().splitlines() or [""])[0]  # torch appends a C++ backtrace
+        raise DistributedError(f"rank {ctx.rank}: cannot join the process group at {addr} within "
+                               f"{timeout_s:g} s ({type(e).__name__}: {first_line})") from None
     log.info("rank %d/%d joined %s process group at %s", ctx.rank, ctx.world_size, backend, addr)
     return dataclasses.replace(ctx, backend=backend)
 

@@ -363,7 +363,7 @@ def fit(opt: TrainOptions, local_rank: int | None = None, resume: dict[str, Any]
     """Run training as this process's part of the job (world size from the torchrun environment)."""
     ctx = distributed.env_context(local_rank)
     device = distributed.select_device(opt.device, ctx.local_rank)
-    ctx = distributed.init_distributed(ctx, device)
+    ctx = distributed.init_distributed(ctx, device, timeout_s=opt.dist_timeout)
     run = None
     try:
         run = setup(opt, ctx, device, resume)

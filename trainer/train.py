@@ -35,7 +35,7 @@ from trainer.models.yolo import ModelConfigError
 log = logging.getLogger("trainer")
 
 # Options a resumed run may change; anything else must match the checkpoint.
-RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok"}
+RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--noval", action="store_const", const=True, help="validate only after the final epoch")
     a("--maps", help="maps.json from an earlier evaluation: seeds the first epoch's image weights")
     a("--deterministic", action="store_const", const=True, help="deterministic algorithms (slower)")
+    a("--dist-timeout", type=float, help="seconds a rank waits for its peers before failing (default 1800)")
     a("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     return p
 
