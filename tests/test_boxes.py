@@ -145,3 +145,15 @@ def test_scale_boxes_to_original_clips_to_image() -> None:
     boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
     back = scale_boxes_to_original(boxes, ((0.5, 0.5), (0.0, 16.0)), (64, 128))
     torch.testing.assert_close(back, torch.tensor([[0.0, 0.0, 128.0, 64.0]]))
+
+
+def test_ciou_of_a_collapsed_prediction_is_finite_with_gradients():
+    """A predicted height that underflowed to 0 must not turn the loss into NaN."""
+    pred = torch.tensor([[1.0, 1.0, 3.0, 1.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    target = torch.tensor([[1.0, 1.0, 3.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    for kind in ("giou", "diou", "ciou"):
+        value = paired_iou(pred, target, kind)
+        assert torch.isfinite(value).all(), kind
+        value.sum().backward()
+        assert torch.isfinite(pred.grad).all(), kind
+        pred.grad = None

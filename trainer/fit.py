@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,8 +323,10 @@ def run_epochs(run: Run) -> TrainResult:
         run.train_loader.generator.manual_seed(opt.seed * 100003 + epoch)
         run.train_set.set_epoch(epoch)
         rng = random.Random(f"{opt.seed}-{epoch}-multiscale")
+        started = time.perf_counter()
         train_stats = train_one_epoch(run.model, run.loss_fn, run.optimizer, run.scaler, run.ema, run.train_loader,
                                       epoch_plan(run, epoch), counter, run.precision, run.device, rng, run.logger)
+        train_stats["train_s"] = time.perf_counter() - started
         state.last_opt_step, state.accumulate = counter.last_opt_step, counter.accumulate
         metrics = validate_epoch(run, final=epoch + 1 == opt.epochs)
         state.epoch = epoch + 1

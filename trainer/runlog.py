@@ -22,7 +22,7 @@ log = logging.getLogger("trainer")
 
 TRAIN_HEADER = ("Epoch", "gpu_mem", "box", "obj", "cls", "total", "targets", "img_size")
 CSV_COLUMNS = ("epoch", "box", "obj", "cls", "total", "precision", "recall", "map50", "map",
-               "val_box", "val_obj", "val_cls", "lr0", "lr1", "lr2")
+               "val_box", "val_obj", "val_cls", "lr0", "lr1", "lr2", "train_s")
 PLOTTED_BATCHES = 3
 
 
@@ -124,4 +124,6 @@ def _tb_tag(key: str) -> str:
         return f"val/{key[4:]}_loss"
     if key.startswith("lr"):
         return f"lr/pg{key[2:]}"
+    if key == "train_s":
+        return "time/train_epoch_s"
     return f"metrics/{key}"

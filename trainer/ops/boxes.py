@@ -89,4 +89,11 @@ def paired_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, kind: str = "iou", ep
               "ciou": ops.complete_box_iou_loss}
     if kind not in losses:
         raise ValueError(f"unknown IoU kind {kind!r}; expected iou, giou, diou or ciou")
+    # CIoU's aspect term divides w by h: a predicted size that underflowed to 0 would give NaN.
+    # Give every box a size of at least eps (a no-op for real boxes, gradients intact).
+    boxes1, boxes2 = _min_size(boxes1, eps), _min_size(boxes2, eps)
     return 1.0 - losses[kind](boxes1, boxes2, reduction="none", eps=eps)
+
+
+def _min_size(boxes: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.cat((boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + eps)), dim=1)
