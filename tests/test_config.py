@@ -23,8 +23,8 @@ def test_yaml_file(tmp_path):
 
 
 @pytest.mark.parametrize("values,match", [
-    ({"lr_0": 0.1}, "unknown hyperparameters \\['lr_0'\\]"),
-    ({"lr0": -1}, "'lr0' must be > 0"),
+    ({"lr_0": 0.1}, "--hyp-override lr_0: unknown hyperparameter"),
+    ({"lr0": -1}, "--hyp-override lr0=-1: hyp 'lr0' must be > 0"),
     ({"mosaic": 1.5}, "'mosaic' must be in \\[0, 1\\]"),
     ({"box": "big"}, "'box' must be a finite number"),
     ({"obj": float("nan")}, "'obj' must be a finite number"),
@@ -34,13 +34,21 @@ def test_bad_hyp_values_name_the_key(tmp_path, values, match):
         load_hyp(None, values)
 
 
+def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
+    p = tmp_path / "h.yaml"
+    p.write_text("lr0: 0.01\nmomentun: 0.9\n")
+    with pytest.raises(ConfigError, match="h.yaml: unknown hyperparameters \\['momentun'\\]"):
+        load_hyp(p)
+
+
 def test_missing_hyp_file():
     with pytest.raises(ConfigError, match="no such file"):
         load_hyp("missing.yaml")
 
 
 def test_overrides_parse_yaml_scalars():
-    assert parse_overrides(["lr0=0.1", "mosaic=0"]) == {"lr0": 0.1, "mosaic": 0}
+    assert parse_overrides(["lr0=0.1", "mosaic=0", "lrf=1e-5", "name=abc"]) == {
+        "lr0": 0.1, "mosaic": 0, "lrf": 1e-5, "name": "abc"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["lr0"])
 

@@ -22,7 +22,7 @@ def _run(tmp_path, data, *extra, name="run"):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--rect", "--image-weights"], "--rect and --image-weights"),
     (["--hyp-override", "lr0=-1"], "'lr0' must be > 0"),
-    (["--hyp-override", "lr_0=1"], "unknown hyperparameters"),
+    (["--hyp-override", "lr_0=1"], "--hyp-override lr_0: unknown hyperparameter"),
     (["--imgsz", "80"], "multiple of the model's max stride 32"),
     (["--resume", "/nonexistent/last.pt"], "checkpoint not found"),
     (["--maps", "/nonexistent/maps.json"], "--maps"),

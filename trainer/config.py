@@ -55,24 +55,27 @@ class Hyp:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"hyp '{f.name}' must be a finite number, got {v!r}")
-            object.__setattr__(self, f.name, float(v))
-        positive = ("lr0", "lrf", "anchor_t")
-        probabilities = ("flipud", "fliplr", "mosaic", "mixup", "label_smoothing", "lrf")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"hyp '{name}' must be > 0, got {getattr(self, name)}")
-        for name in probabilities:
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"hyp '{name}' must be in [0, 1], got {getattr(self, name)}")
-        for f in fields(self):
-            if getattr(self, f.name) < 0:
-                raise ConfigError(f"hyp '{f.name}' must be >= 0, got {getattr(self, f.name)}")
+            object.__setattr__(self, f.name, check_hyp_value(f.name, getattr(self, f.name)))
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+
+_POSITIVE = {"lr0", "lrf", "anchor_t"}
+_PROBABILITIES = {"flipud", "fliplr", "mosaic", "mixup", "label_smoothing", "lrf"}
+
+
+def check_hyp_value(name: str, value: Any) -> float:
+    """One hyperparameter as a float, or a ConfigError saying what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"hyp '{name}' must be a finite number, got {value!r}")
+    if name in _POSITIVE and value <= 0:
+        raise ConfigError(f"hyp '{name}' must be > 0, got {value}")
+    if name in _PROBABILITIES and not 0 <= value <= 1:
+        raise ConfigError(f"hyp '{name}' must be in [0, 1], got {value}")
+    if value < 0:
+        raise ConfigError(f"hyp '{name}' must be >= 0, got {value}")
+    return float(value)
 
 
 def builtin_hyp_names() -> list[str]:
@@ -103,8 +106,15 @@ def load_hyp(source: str | Path | dict | None = None, overrides: dict[str, Any] 
             raise ConfigError(f"{origin}: invalid YAML: {e}") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: expected a mapping of hyperparameters")
-    values.update(overrides or {})
     known = {f.name for f in fields(Hyp)}
+    for key, value in (overrides or {}).items():  # checked apart so the error names the flag
+        if key not in known:
+            raise ConfigError(f"--hyp-override {key}: unknown hyperparameter; known: {sorted(known)}")
+        try:
+            check_hyp_value(key, value)
+        except ConfigError as e:
+            raise ConfigError(f"--hyp-override {key}={value}: {e}") from None
+    values.update(overrides or {})
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{origin}: unknown hyperparameters {unknown}")
@@ -121,7 +131,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
     return out
 
 
