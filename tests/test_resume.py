@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from trainer.checkpoint import load_checkpoint
 from trainer.train import main
 
-FLAGS = ["--cfg", "yolov5n", "--imgsz", "64", "--batch-size", "4", "--device", "cpu", "--workers", "1",
-         "--epochs", "4", "--image-weights", "--multi-scale", "--seed", "5", "--deterministic"]
+FLAGS = ["--cfg", "yolov5n", "--imgsz", "64", "--batch-size", "4", "--device", "cpu", "--epochs", "4",
+         "--image-weights", "--multi-scale", "--seed", "5", "--deterministic"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_block_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, synthetic_yaml):
-    data = ["--data", str(synthetic_yaml), "--project", str(tmp_path)]
+    data = ["--data", str(synthetic_yaml), "--project", str(tmp_path), "--workers", "1"]  # worker seeding too
     assert main([*data, *FLAGS, "--name", "whole"]) == 0
     assert main([*data, *FLAGS, "--name", "blocks", "--stop-epoch", "2"]) == 0
     first = load_checkpoint(tmp_path / "blocks" / "weights" / "last.pt")
@@ -35,3 +41,31 @@ def test_block_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, synthe
     assert rows("whole") == rows("blocks") and len(rows("whole")) == 4
     iw_whole = (tmp_path / "whole" / "image_weights.jsonl").read_text()
     assert iw_whole == (tmp_path / "blocks" / "image_weights.jsonl").read_text()
+
+
+def _torchrun(args: list[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(port), "-m", "trainer.train", *args], cwd=ROOT,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_block_then_resume_under_ddp_matches_bitwise(tmp_path, synthetic_yaml):
+    """The same with 2 gloo ranks: sampler shards, broadcast draws and gradient all-reduce included."""
+    data = ["--data", str(synthetic_yaml), "--project", str(tmp_path), "--workers", "0"]
+    _torchrun([*data, *FLAGS, "--name", "whole"])
+    _torchrun([*data, *FLAGS, "--name", "blocks", "--stop-epoch", "2"])
+    _torchrun(["--resume", str(tmp_path / "blocks" / "weights" / "last.pt"), "--workers", "0"])
+    whole = load_checkpoint(tmp_path / "whole" / "weights" / "last.pt")
+    blocks = load_checkpoint(tmp_path / "blocks" / "weights" / "last.pt")
+    assert whole["epoch"] == blocks["epoch"] == 3
+    for part in ("model", "raw_model"):
+        for k, v in whole[part].items():
+            assert torch.equal(v, blocks[part][k]), f"{part}.{k} differs after a DDP resume"
+    assert (tmp_path / "whole" / "image_weights.jsonl").read_text() == \
+        (tmp_path / "blocks" / "image_weights.jsonl").read_text()
