@@ -112,3 +112,75 @@ def plot_results_csv(csv_path: str | Path, out: str | Path | None = None) -> Pat
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pr_curve(recall: np.ndarray, precision: np.ndarray, ap50: np.ndarray, names: Sequence[str],
+                  fname: str | Path) -> Path:
+    """Precision-recall at IoU 0.5: one thin line per class with labels, the class mean thick.
+
+    recall: (R,) grid; precision: (nc, R); ap50: (nc,) with -1 for classes without labels.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    has = ap50 >= 0
+    for c in np.nonzero(has)[0]:
+        label = f"{names[c]} {ap50[c]:.3f}" if has.sum() <= 20 else None
+        ax.plot(recall, precision[c], linewidth=1, alpha=0.6, label=label)
+    if has.any():
+        ax.plot(recall, precision[has].mean(0), linewidth=3, color="blue",
+                label=f"all classes {ap50[has].mean():.3f} mAP@.5")
+    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01), title="Precision-Recall (IoU 0.5)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(fname, dpi=120)
+    plt.close(fig)
+    return Path(fname)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, names: Sequence[str], fname: str | Path) -> Path:
+    """(nc + 1, nc + 1) counts, rows predicted, columns true, last = background; each true column
+    is normalised so cells read as 'fraction of class X predicted as Y'."""
+    plt = _pyplot()
+    m = matrix.astype(np.float64)
+    m = m / np.maximum(m.sum(0, keepdims=True), 1)
+    labels = [*names, "background"]
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * n + 2), max(5, 0.45 * n + 1.5)))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+        for i in range(n):
+            for j in range(n):
+                if m[i, j] >= 0.005:
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if m[i, j] > 0.5 else "black")
+    ax.set(xlabel="True", ylabel="Predicted", title="Confusion matrix (conf 0.25, IoU 0.45)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(fname, dpi=120)
+    plt.close(fig)
+    return Path(fname)
+
+
+def detections_as_targets(dets: Sequence[torch.Tensor], hw: tuple[int, int]) -> torch.Tensor:
+    """Per-image (n, 6) xyxy pixel detections -> (N, 7) [img, cls, cx, cy, w, h, conf] normalised,
+    the prediction format of `plot_images`."""
+    h, w = hw
+    rows = []
+    for i, d in enumerate(dets):
+        d = d.detach().float().cpu()
+        cx, cy = (d[:, 0] + d[:, 2]) / 2 / w, (d[:, 1] + d[:, 3]) / 2 / h
+        bw, bh = (d[:, 2] - d[:, 0]) / w, (d[:, 3] - d[:, 1]) / h
+        rows.append(torch.stack((torch.full_like(cx, i), d[:, 5], cx, cy, bw, bh, d[:, 4]), 1))
+    return torch.cat(rows) if rows else torch.zeros(0, 7)

@@ -22,6 +22,9 @@ from trainer.ops.nms import non_max_suppression
 # Callback for plots/exports: (batch index, images (B,3,H,W) in [0,1], targets (N,6), per-image
 # detections on the network input (n,6), paths, shapes)
 BatchHook = Callable[[int, torch.Tensor, torch.Tensor, list[torch.Tensor], Sequence[str], Sequence[Any]], None]
+# Callback per image, in original pixels: (path, preds (n, 6) [x1, y1, x2, y2, conf, cls],
+# labels (m, 5) [cls, x1, y1, x2, y2], original (h, w) or None)
+ImageHook = Callable[[str, np.ndarray, np.ndarray, tuple[int, int] | None], None]
 
 
 def originals(dets: torch.Tensor, labels: torch.Tensor, input_hw: tuple[int, int], shape: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +45,7 @@ def originals(dets: torch.Tensor, labels: torch.Tensor, input_hw: tuple[int, int
 def run_validation(model: torch.nn.Module, loader: Iterable, device: torch.device, names: Sequence[str],
                    precision: Precision, loss_fn: YoloLoss | None = None, conf_thres: float = 0.001,
                    iou_thres: float = 0.6, max_det: int = 300, on_batch: BatchHook | None = None,
-                   metrics: DetectionMetrics | None = None) -> dict[str, Any]:
+                   on_image: ImageHook | None = None, metrics: DetectionMetrics | None = None) -> dict[str, Any]:
     """Evaluate `model` over `loader`; returns DetectionMetrics.compute() plus mean val losses.
 
     Pass `metrics` to keep the accumulated state (e.g. to merge shards across ranks yourself).
@@ -65,6 +68,8 @@ def run_validation(model: torch.nn.Module, loader: Iterable, device: torch.devic
             shape = shapes[si] if shapes is not None else None
             p, g = originals(det, targets[targets[:, 0] == si].to(device), tuple(imgs.shape[2:]), shape)
             metrics.update(p, g)
+            if on_image is not None:
+                on_image(paths[si], p, g, tuple(shape[0]) if shape is not None else None)
         if on_batch is not None:
             on_batch(bi, imgs, targets, dets, paths, shapes)
         n_batches += 1
