@@ -99,3 +99,19 @@ def test_maps_from_an_evaluation_steer_the_first_epoch(tmp_path, synthetic_yaml)
     # Only images holding a hexagon have weight, so each of the 24 drawn images contains one.
     assert draws[5] >= 24
     assert draws[5] / sum(draws) > 3 * labels[5] / sum(labels)
+
+
+def test_class_weights_file_overrides_the_label_frequencies(tmp_path):
+    from trainer.fit import run_class_weights
+
+    labels = [np.array([[0, 0.5, 0.5, 0.1, 0.1], [1, 0.5, 0.5, 0.1, 0.1], [1, 0.2, 0.2, 0.1, 0.1]])]
+    assert run_class_weights("", labels, 2).tolist() == pytest.approx([2 / 3, 1 / 3])
+    p = tmp_path / "cw.json"
+    p.write_text(json.dumps({"class_weights": [1.0, 3.0]}))
+    assert run_class_weights(str(p), labels, 2).tolist() == [0.25, 0.75]
+    p.write_text(json.dumps({"class_weights": [-1.0, 3.0]}))
+    with pytest.raises(ConfigError, match="values must be finite and >= 0"):
+        run_class_weights(str(p), labels, 2)
+    p.write_text(json.dumps({"class_weights": [0, 0]}))
+    with pytest.raises(ConfigError, match="all weights are zero"):
+        run_class_weights(str(p), labels, 2)

@@ -170,6 +170,7 @@ class TrainOptions:
     amp: str = "auto"             # auto, fp16, bf16 or off
     noval: bool = False           # validate only on the final epoch
     maps: str = ""                # maps.json from an earlier evaluation, seeds image weights
+    class_weights: str = ""       # class_weights.json (from the pipeline's step); default: from the labels
     stop_epoch: int = 0           # train epochs [start, stop) of an `epochs` schedule; 0 = all
     deterministic: bool = False
     dist_timeout: float = 1800.0  # seconds a collective (or joining the group) may wait for a peer

@@ -70,7 +70,7 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader | None   # rank 0 only
     names: list[str]
-    class_weights: np.ndarray       # (nc,) normalised inverse label frequency
+    class_weights: np.ndarray       # (nc,) normalised; inverse label frequency unless given
     state: TrainState
     ctx: distributed.DistContext
     logger: RunLogger
@@ -152,21 +152,38 @@ def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx
     return train_set, train_loader, val_loader
 
 
-def initial_maps(path: str, names: list[str], current: np.ndarray) -> np.ndarray:
-    """`--maps maps.json` from an earlier evaluation seeds the first epoch's image weights."""
-    if not path:
-        return current
+def read_class_vector(path: str, key: str, flag: str, n: int, upper: float | None = 1.0) -> np.ndarray:
+    """A per-class list from a JSON file ({key: [...]} or a bare list), checked for length and range."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--maps {path}: cannot read ({e})") from e
-    maps = record.get("maps") if isinstance(record, dict) else record
-    if not isinstance(maps, list) or len(maps) != len(names):
-        raise ConfigError(f"--maps {path}: expected a list of {len(names)} per-class values under 'maps'")
-    values = np.asarray(maps, dtype=np.float64)
-    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
-        raise ConfigError(f"--maps {path}: values must be finite and in [0, 1]")
-    return values
+        raise ConfigError(f"{flag} {path}: cannot read ({e})") from e
+    values = record.get(key) if isinstance(record, dict) else record
+    if not isinstance(values, list) or len(values) != n:
+        raise ConfigError(f"{flag} {path}: expected a list of {n} per-class values under '{key}'")
+    try:
+        out = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{flag} {path}: values must be numbers ({e})") from e
+    if not np.all(np.isfinite(out)) or out.min() < 0 or (upper is not None and out.max() > upper):
+        bound = f"[0, {upper:g}]" if upper is not None else ">= 0"
+        raise ConfigError(f"{flag} {path}: values must be finite and {'in ' if upper is not None else ''}{bound}")
+    return out
+
+
+def initial_maps(path: str, names: list[str], current: np.ndarray) -> np.ndarray:
+    """`--maps maps.json` from an earlier evaluation seeds the first epoch's image weights."""
+    return read_class_vector(path, "maps", "--maps", len(names)) if path else current
+
+
+def run_class_weights(path: str, labels: list[np.ndarray], nc: int) -> np.ndarray:
+    """`--class-weights` (normalised here) or the inverse label frequency of the training split."""
+    if not path:
+        return iw.class_weights(labels, nc)
+    weights = read_class_vector(path, "class_weights", "--class-weights", nc, upper=None)
+    if weights.sum() <= 0:
+        raise ConfigError(f"--class-weights {path}: all weights are zero")
+    return weights / weights.sum()
 
 
 def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
@@ -226,7 +243,8 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
                 precision.name, device, opt.batch_size * state.accumulate, opt.batch_size, state.accumulate,
                 train_loader.num_workers)
     return Run(opt, hyp, run_dir, model, ema, optimizer, scaler, loss_fn, precision, device, train_set,
-               train_loader, val_loader, names, iw.class_weights(train_set.labels, len(names)), state, ctx, logger)
+               train_loader, val_loader, names, run_class_weights(opt.class_weights, train_set.labels, len(names)),
+               state, ctx, logger)
 
 
 def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | None,

@@ -35,7 +35,8 @@ from trainer.models.yolo import ModelConfigError
 log = logging.getLogger("trainer")
 
 # Options a resumed run may change; anything else must match the checkpoint.
-RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout"}
+RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout",
+                  "class_weights"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision (default auto: fp16 + GradScaler on CUDA, fp32 on CPU; bf16 is opt-in on CPU)")
     a("--noval", action="store_const", const=True, help="validate only after the final epoch")
     a("--maps", help="maps.json from an earlier evaluation: seeds the first epoch's image weights")
+    a("--class-weights", help="class_weights.json ({'class_weights': [...]}); default: inverse label frequency")
     a("--deterministic", action="store_const", const=True, help="deterministic algorithms (slower)")
     a("--dist-timeout", type=float, help="seconds a rank waits for its peers before failing (default 1800)")
     a("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
