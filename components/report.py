@@ -1,0 +1,41 @@
+"""report: a self-contained HTML (and Markdown) summary of the whole feedback run."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Model, Output
+
+
+def report(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], epochs_per_block: int,
+           publish: str, html: Output[HTML], markdown: Output[Markdown]) -> None:
+    """mAP per block, AP per class per block, how the image weighting moved, loss curves and sample
+    predictions, from the last block's run folder and every block's evaluation. With `publish` (a
+    folder or s3:// prefix) the report and the final run folder are also copied there."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from trainer.report import build_markdown, build_report
+
+    run_dir = Path(model.path)
+    earlier = sorted((run_dir / "evaluations").glob("block*"), key=lambda p: int(p.name[5:]))
+    dataset_report = json.loads((Path(dataset.path) / "report.json").read_text()).get("train")
+    summary = build_report(run_dir, [*earlier, Path(evaluation.path)], Path(html.path),
+                           epochs_per_block=epochs_per_block, dataset_report=dataset_report)
+    Path(markdown.path).write_text(build_markdown(summary))
+    where = html.path
+    if publish.startswith("s3://"):
+        from trainer.storage import Storage
+
+        storage = Storage.from_env()
+        storage.upload_dir(run_dir, f"{publish.rstrip('/')}/run")
+        storage.upload_file(Path(html.path), f"{publish.rstrip('/')}/report.html")
+        where = f"{publish.rstrip('/')}/report.html"
+    elif publish:
+        target = Path(publish)
+        shutil.copytree(run_dir, target / "run", dirs_exist_ok=True)
+        shutil.copyfile(html.path, target / "report.html")
+        where = str(target / "report.html")
+    print(f"[kfyolo] report: {where}")
+
+
+def component(image: str):
+    return dsl.component(report, base_image=image, install_kfp_package=False)

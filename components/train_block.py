@@ -1,0 +1,48 @@
+"""train_block: train epochs [k*E, (k+1)*E) of a K*E-epoch schedule, resuming the previous block."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: int, blocks: int,
+                epochs_per_block: int, cfg: str, weights: str, imgsz: int, batch_size: int, workers: int,
+                image_weights: bool, hyp_overrides: str, seed: int, device: str, launcher: str,
+                model: Output[Model], checkpoint: Input[Model] = None, evaluation: Input[Artifact] = None) -> None:
+    """Train one block with `workers` processes and leave its run folder (weights/last.pt, results,
+    TensorBoard logs, weighting records) in `model`. Block 0 starts from `weights` (or scratch);
+    block k > 0 resumes `checkpoint` and weights its images by `evaluation`'s maps."""
+    import json
+    from pathlib import Path
+
+    from components.launchers import TrainRequest, parse_hyp_overrides, seed_block_folder
+
+    if launcher not in ("local",):
+        raise ValueError(f"launcher {launcher!r}: expected one of ('local',)")
+    if block > 0 and (checkpoint is None or evaluation is None):
+        raise ValueError(f"block {block} needs the previous block's checkpoint and evaluation")
+    run_dir = Path(model.path)
+    seed_block_folder(run_dir, Path(checkpoint.path) if checkpoint is not None else None,
+                      Path(evaluation.path) if evaluation is not None else None, block)
+    request = TrainRequest(
+        run_dir=run_dir, data_yaml=str(Path(dataset.path) / "data.yaml"), block=block, blocks=blocks,
+        epochs_per_block=epochs_per_block, cfg=cfg, weights=weights, imgsz=imgsz, batch_size=batch_size,
+        world_size=workers, image_weights=image_weights, hyp_overrides=parse_hyp_overrides(hyp_overrides),
+        seed=seed, class_weights=class_weights.path, device=device,
+        maps=str(Path(evaluation.path) / "maps.json") if evaluation is not None else "")
+    from components.launchers.local import run_local
+
+    run_local(request)
+    records = (run_dir / "image_weights.jsonl").read_text().splitlines() if image_weights else []
+    last = json.loads(records[-1]) if records else {}
+    model.metadata.update({"block": block, "epochs": f"{block * epochs_per_block}-{request.stop_epoch - 1}",
+                           "world_size": workers, "launcher": launcher})
+    if last:
+        draws = dict(zip(last["names"], last["class_draws"]))
+        model.metadata["class_draws_last_epoch"] = draws
+        print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1} "
+              f"on {workers} process(es); labels drawn per class in the last epoch: {draws}")
+    else:
+        print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1}")
+
+
+def component(image: str):
+    return dsl.component(train_block, base_image=image, install_kfp_package=False)
