@@ -29,16 +29,20 @@ def run_local(request: TrainRequest, log_path: Path | None = None, echo: bool = 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["PYTHONUNBUFFERED"] = "1"
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    errors: list[str] = []  # the trainer's own "error: ..." lines say what went wrong
     with log_path.open("w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                      text=True, env=env, bufsize=1) as proc:
         log.write("$ " + " ".join(cmd) + "\n")
         for line in proc.stdout:
             log.write(line)
             tail.append(line.rstrip("\n"))
+            if line.startswith("error: "):
+                errors.append(line.strip())
             if echo:
                 print(line, end="", flush=True)
         code = proc.wait()
     if code != 0:
         joined = "\n".join(tail)
-        raise TrainLaunchError(f"training block {request.block} failed (exit status {code}); full log in "
-                               f"{log_path}; last lines:\n{joined}")
+        reason = f": {errors[-1]}" if errors else ""
+        raise TrainLaunchError(f"training block {request.block} failed (exit status {code}){reason}\n"
+                               f"full log in {log_path}; last lines:\n{joined}")
