@@ -88,8 +88,11 @@ class RunLogger:
                 if value is not None and math.isfinite(value):
                     self._tb.add_scalar(_tb_tag(key), value, epoch)
             self._tb.flush()
-        log.info("epoch %d: P %.3f R %.3f mAP@.5 %.3f mAP@.5:.95 %.3f", epoch, row.get("precision", 0),
-                 row.get("recall", 0), row.get("map50", 0), row.get("map", 0))
+        if "map" in row:
+            log.info("epoch %d: P %.3f R %.3f mAP@.5 %.3f mAP@.5:.95 %.3f", epoch, row["precision"], row["recall"],
+                     row["map50"], row["map"])
+        else:
+            log.info("epoch %d: total loss %.4f (not validated: --noval)", epoch, row.get("total", float("nan")))
 
     def image_weights(self, record: dict[str, Any]) -> None:
         """One JSON line per epoch: class weights used and how often each class was drawn."""
