@@ -10,21 +10,24 @@ UV         := $(TOOLS)/bin/uv
 VENV       := .venv
 PY         := $(VENV)/bin/python
 
-# demo / train settings (override on the command line: make demo IMGSZ=128 EPOCHS=5)
-DATA       ?= data/synthetic/data.yaml
-SYN_IMAGES ?= 400
-SYN_SEED   ?= 0
-IMGSZ      ?= 256
-EPOCHS     ?= 30
-BATCH      ?= 16
-CFG        ?= yolov5n
+# demo / train settings (override on the command line: make demo BLOCKS=2 EPB=10)
+DATA       ?=
 WEIGHTS    ?=
-DEVICE     ?= cpu
+SYN_IMAGES ?= 1000
+SYN_SEED   ?= 0
+BLOCKS     ?= 3
+EPB        ?= 20
+WORKERS    ?= 2
+IMGSZ      ?= 128
+BATCH      ?= 16
+EPOCHS     ?= 30
+CFG        ?= yolov5n
+DEVICE     ?=
 RUNS       ?= runs
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: DATA SYN_IMAGES SYN_SEED IMGSZ EPOCHS BATCH CFG WEIGHTS DEVICE RUNS"
+	@echo "  variables: DATA WEIGHTS SYN_IMAGES SYN_SEED BLOCKS EPB WORKERS IMGSZ BATCH EPOCHS CFG DEVICE RUNS"
 
 $(UV):
 	@echo "bootstrapping uv $(UV_VERSION) into $(TOOLS)/"
@@ -45,20 +48,28 @@ test: venv ## run the test suite (CPU; GPU tests skip without CUDA)
 	$(PY) -m pytest -q
 
 data/synthetic/data.yaml: | venv
-	$(PY) -m trainer.data.synthetic --out data/synthetic --images $(SYN_IMAGES) --seed $(SYN_SEED) --imgsz $(IMGSZ)
+	$(PY) -m trainer.data.synthetic --out data/synthetic --images $(SYN_IMAGES) --seed $(SYN_SEED) --imgsz 256
 
 synthetic: data/synthetic/data.yaml ## generate the synthetic shapes dataset into data/synthetic
 
-demo: venv data/synthetic/data.yaml ## train yolov5n on the synthetic dataset with image weights (CPU)
-	$(PY) -m trainer.train --data $(DATA) --cfg $(CFG) $(if $(WEIGHTS),--weights $(WEIGHTS)) --imgsz $(IMGSZ) \
-	  --epochs $(EPOCHS) --batch-size $(BATCH) --image-weights --device $(DEVICE) --project $(RUNS)/train --name demo
+demo: venv ## the whole pipeline locally (kfp.local): synthetic data, 3 blocks, world size 2, image weights (CPU)
+	$(PY) -m pipelines run-local --blocks $(BLOCKS) --epochs-per-block $(EPB) --workers $(WORKERS) --imgsz $(IMGSZ) \
+	  --batch-size $(BATCH) --synthetic-images $(SYN_IMAGES) --seed $(SYN_SEED) --root $(RUNS)/pipelines \
+	  $(if $(DATA),--data $(DATA)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(DEVICE),--device $(DEVICE))
 
-train: venv ## train with DATA/CFG/WEIGHTS/IMGSZ/EPOCHS/BATCH/DEVICE (single process)
-	$(PY) -m trainer.train --data $(DATA) --cfg $(CFG) $(if $(WEIGHTS),--weights $(WEIGHTS)) --imgsz $(IMGSZ) \
-	  --epochs $(EPOCHS) --batch-size $(BATCH) --device $(DEVICE) --project $(RUNS)/train
+compile: venv ## compile the pipeline to pipeline.yaml for the Kubeflow Pipelines UI
+	$(PY) -m pipelines compile --out pipeline.yaml --blocks $(BLOCKS)
 
-bench-train: venv data/synthetic/data.yaml ## bench: 30-epoch synthetic run, prints the mAP curve and wall time
-	$(PY) bench/bench_train_synthetic.py --data $(DATA) --imgsz $(IMGSZ) --epochs $(EPOCHS)
+train: venv data/synthetic/data.yaml ## one training run (single process) with DATA/CFG/WEIGHTS/IMGSZ/EPOCHS/BATCH/DEVICE
+	$(PY) -m trainer.train --data $(or $(DATA),data/synthetic/data.yaml) --cfg $(CFG) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	  --imgsz $(IMGSZ) --epochs $(EPOCHS) --batch-size $(BATCH) --image-weights $(if $(DEVICE),--device $(DEVICE)) \
+	  --project $(RUNS)/train
+
+bench-train: venv ## bench: 30-epoch synthetic run at 256 px, prints the mAP curve and wall time
+	$(PY) bench/bench_train_synthetic.py
+
+bench-ddp: venv ## bench: training images/s at world size 1 and 2 with the same threads
+	$(PY) bench/bench_ddp.py
 
 bench-cocoeval: venv ## bench: kfyolo COCO evaluation vs pycocotools on 5,000 images
 	$(PY) bench/bench_cocoeval.py
@@ -69,4 +80,4 @@ tensorboard: venv ## serve TensorBoard over the runs folder (RUNS)
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf data/synthetic $(RUNS) .pytest_cache
 
-.PHONY: help venv test synthetic demo train bench-train bench-cocoeval tensorboard clean
+.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval tensorboard clean

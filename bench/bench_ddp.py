@@ -37,7 +37,7 @@ def run(world: int, data: Path, args: argparse.Namespace, threads: int) -> float
         cmd = [sys.executable, *flags]
     else:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
-        cmd = [torchrun, "--standalone", "--nproc_per_node", str(world), *flags[1:]]
+        cmd = [torchrun, "--standalone", "--nproc_per_node", str(world), *flags]
     print(f"$ OMP_NUM_THREADS={per_rank} {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     rows = list(csv.DictReader((run_dir / "results.csv").open()))[1:]  # epoch 0 warms up

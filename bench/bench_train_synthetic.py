@@ -7,7 +7,7 @@ class's AP, the wall time and training throughput:
     python bench/bench_train_synthetic.py --amp off --epochs 5  # compare precisions
     python bench/bench_train_synthetic.py --json out.json       # also write the figures as JSON
 
-The dataset (400 images, seed 0) is generated into data/synthetic unless --data is given.
+The dataset (400 images, seed 0) is generated into data/synthetic-400-seed0-256px unless --data is given.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ensure_dataset(data: str | None, images: int, seed: int, imgsz: int) -> Path:
     if data:
         return Path(data)
-    out = ROOT / "data" / "synthetic"
+    out = ROOT / "data" / f"synthetic-{images}-seed{seed}-{imgsz}px"  # its own copy: make demo's may differ
     if not (out / "data.yaml").exists():
         subprocess.run([sys.executable, "-m", "trainer.data.synthetic", "--out", str(out), "--images", str(images),
                         "--seed", str(seed), "--imgsz", str(imgsz)], check=True, cwd=ROOT)

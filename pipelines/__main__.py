@@ -77,11 +77,20 @@ def compile_pipeline(out: Path, blocks: int, image: str, launcher: str) -> Path:
     return out
 
 
-def ensure_synthetic(images: int, seed: int, imgsz: int) -> str:
-    """The embedded default dataset, generated once into data/synthetic."""
+def ensure_synthetic(images: int, seed: int, imgsz: int = 256) -> str:
+    """The embedded default dataset in data/synthetic, regenerated when the size or seed asked for
+    differs from what is there (the generator is deterministic, so this is cheap to keep right)."""
+    import json
+
     from trainer.data.synthetic import generate
 
-    if not (SYNTHETIC / "data.yaml").exists():
+    manifest = SYNTHETIC / "manifest.json"
+    try:
+        have = json.loads(manifest.read_text())
+        current = have.get("complete") and (have.get("images"), have.get("seed"), have.get("imgsz")) == (images, seed, imgsz)
+    except (OSError, ValueError):
+        current = False
+    if not current:
         generate(SYNTHETIC, images=images, seed=seed, imgsz=imgsz)
     return str(SYNTHETIC / "data.yaml")
 
@@ -89,7 +98,7 @@ def ensure_synthetic(images: int, seed: int, imgsz: int) -> str:
 def run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
-    data = args.data or ensure_synthetic(args.synthetic_images, args.seed, max(args.imgsz, 128))
+    data = args.data or ensure_synthetic(args.synthetic_images, args.seed)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(args.root).resolve() / stamp
     root.mkdir(parents=True, exist_ok=True)
@@ -134,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run-local", help="run the pipeline here with kfp.local (SubprocessRunner)")
     r.add_argument("--data", help="data YAML, folder with data.yaml, or s3:// prefix (default: synthetic)")
     r.add_argument("--blocks", type=int, default=3)
-    r.add_argument("--epochs-per-block", type=int, default=5)
+    r.add_argument("--epochs-per-block", type=int, default=20)
     r.add_argument("--workers", type=int, default=2, help="world size: torchrun processes per block")
-    r.add_argument("--imgsz", type=int, default=256)
+    r.add_argument("--imgsz", type=int, default=128)
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--cfg", default="yolov5n")
     r.add_argument("--weights", default="")
@@ -144,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hyp-overrides", default="", help="comma-separated KEY=VALUE")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="")
-    r.add_argument("--synthetic-images", type=int, default=400)
+    r.add_argument("--synthetic-images", type=int, default=1000, help="size of the generated default dataset")
     r.add_argument("--root", default="runs/pipelines")
     r.add_argument("--verbose", action="store_true", help="show KFP's full log on the console")
     return p
