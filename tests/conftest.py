@@ -36,3 +36,25 @@ def synthetic_yaml(tmp_path_factory) -> Path:
 def _label_cache(tmp_path_factory):
     """Keep label caches out of the developer's home folder."""
     os.environ["KFYOLO_CACHE"] = str(tmp_path_factory.mktemp("label-cache"))
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """moto's S3 server on loopback (state reset), bucket `kfyolo`, and the S3 environment pointing at it.
+    KFYOLO_CACHE moves to tmp_path/cache so downloads and run staging start empty."""
+    import urllib.request
+
+    from s3server import ACCESS_KEY, SECRET_KEY, MotoS3
+    from trainer.storage import RetryPolicy, Storage
+
+    server = MotoS3().start()
+    urllib.request.urlopen(urllib.request.Request(f"http://{server.endpoint}/moto-api/reset", method="POST"))
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_USE_TLS", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("S3_ENDPOINT", f"http://{server.endpoint}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("KFYOLO_CACHE", str(tmp_path / "cache"))
+    Storage.from_env(RetryPolicy(attempts=1))._client.make_bucket("kfyolo")
+    yield server
+    server.stop()

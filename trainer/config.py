@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from trainer.storage import S3Uri, StorageError, is_s3
+
 
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message names it."""
@@ -145,7 +147,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 class TrainOptions:
     """Everything a training run was asked to do (the CLI flags), saved as opt.yaml."""
 
-    data: str = ""
+    data: str = ""                # local path or s3://bucket/prefix/data.yaml (kept as given in opt.yaml)
     cfg: str = ""                 # architecture; empty = the --weights file's, else yolov5n
     weights: str = ""
     hyp: str = "hyp.scratch"
@@ -159,7 +161,7 @@ class TrainOptions:
     resume: str = ""
     device: str = ""              # "", "cpu", "0", "cuda:0"
     workers: int = 8              # upper bound per rank; sized to the CPUs actually available
-    project: str = "runs/train"
+    project: str = "runs/train"   # local folder or s3://bucket/prefix (staged locally, synced each epoch)
     name: str = "exp"
     exist_ok: bool = False
     seed: int = 0
@@ -194,6 +196,12 @@ class TrainOptions:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for flag, value in (("--data", self.data), ("--project", self.project), ("--resume", self.resume)):
+            if is_s3(value):
+                try:
+                    S3Uri.parse(value)
+                except StorageError as e:
+                    raise ConfigError(f"{flag}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -4,6 +4,10 @@ and early stopping. `train.py` turns command lines into `TrainOptions` and calls
 Under DDP, validation runs on rank 0 with the EMA model while the other ranks wait at a barrier:
 the validation split is small next to training, and one process gives COCO-exact numbers with no
 cross-rank merging of detections. Rank 0 also owns maps, checkpoints and every file written.
+
+`--data s3://...` is downloaded once per node before anything reads it; with `--project s3://...` the
+run folder is a local staging copy that rank 0 uploads after every epoch and at the end
+(see trainer/storage_sync.py).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from trainer.optim import build_optimizer
 from trainer.runlog import RunLogger
 from trainer.schedule import lr_factor, nominal_accumulate, scaled_weight_decay, warmup_iterations
 from trainer.state import TrainState, build_checkpoint, strip_for_inference
+from trainer.storage import is_s3
+from trainer.storage_sync import RunSync, materialize_data, next_remote_run_dir, staging_dir
 from trainer.validate import run_validation
 
 log = logging.getLogger("trainer")
@@ -50,6 +56,7 @@ class TrainResult:
     best_fitness: float
     stopped_early: bool
     last_metrics: dict[str, Any]
+    remote_dir: str = ""            # s3://... when the run folder is mirrored there
 
 
 @dataclass
@@ -74,6 +81,7 @@ class Run:
     state: TrainState
     ctx: distributed.DistContext
     logger: RunLogger
+    sync: RunSync | None = None     # rank 0 of an S3 run: mirrors run_dir to the store
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -87,6 +95,14 @@ def next_run_dir(project: Path, name: str, exist_ok: bool) -> Path:
     while (project / f"{name}{n}").exists():
         n += 1
     return project / f"{name}{n}"
+
+
+def choose_run_dir(opt: TrainOptions, resuming: bool) -> Path:
+    """The run folder to write: project/name (resumed or new), or its local staging copy for S3."""
+    if is_s3(opt.project):
+        return staging_dir(opt.project, opt.name) if resuming else \
+            next_remote_run_dir(opt.project, opt.name, opt.exist_ok)
+    return Path(opt.project) / opt.name if resuming else next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -194,7 +210,7 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
         raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
     if opt.batch_size % ctx.world_size:
         raise ConfigError(f"--batch-size {opt.batch_size} must be a multiple of the world size {ctx.world_size}")
-    data = load_data_config(opt.data)
+    data = load_data_config(materialize_data(opt.data) if is_s3(opt.data) else opt.data)
     names = list(data.names)
     seed_everything(opt.seed + ctx.rank, opt.deterministic)
     torch.set_num_threads(max(1, available_cpus() // ctx.local_world_size))
@@ -205,11 +221,12 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
     if opt.imgsz % stride:
         raise ConfigError(f"--imgsz {opt.imgsz} must be a multiple of the model's max stride {stride}")
 
-    if resume is not None:
-        run_dir = Path(opt.project) / opt.name
-    else:
-        chosen = str(next_run_dir(Path(opt.project), opt.name, opt.exist_ok)) if ctx.is_main else ""
-        run_dir = Path(distributed.broadcast_object(chosen))
+    chosen = str(choose_run_dir(opt, resuming=resume is not None)) if ctx.is_main else ""
+    run_dir = Path(distributed.broadcast_object(chosen))
+    sync = None
+    if ctx.is_main and is_s3(opt.project):
+        sync = RunSync(run_dir, f"{opt.project.rstrip('/')}/{run_dir.name}")
+        log.info("run folder %s is staged in %s", sync.uri, run_dir)
     logger = RunLogger(run_dir, names, enabled=ctx.is_main)
     if ctx.is_main:
         (run_dir / "weights").mkdir(parents=True, exist_ok=True)
@@ -244,7 +261,7 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
                 train_loader.num_workers)
     return Run(opt, hyp, run_dir, model, ema, optimizer, scaler, loss_fn, precision, device, train_set,
                train_loader, val_loader, names, run_class_weights(opt.class_weights, train_set.labels, len(names)),
-               state, ctx, logger)
+               state, ctx, logger, sync)
 
 
 def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | None,
@@ -358,6 +375,8 @@ def run_epochs(run: Run) -> TrainResult:
                     state.best_fitness, state.best_epoch, is_best = fi, epoch, True
             save_epoch(run, metrics, is_best)
             run.logger.epoch_end(epoch, {**train_stats, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
+            if run.sync is not None:  # after results.csv and the checkpoints of this epoch are written
+                run.sync.push()
             stop_now = bool(opt.patience and metrics) and epoch - state.best_epoch >= opt.patience
             if stop_now:
                 run.logger.info("early stop: no fitness improvement for %d epochs (best %.4f at epoch %d)",
@@ -366,7 +385,8 @@ def run_epochs(run: Run) -> TrainResult:
         distributed.barrier()
         if stopped_early:
             break
-    return TrainResult(run.run_dir, state.epoch - start, state.best_fitness, stopped_early, metrics)
+    return TrainResult(run.run_dir, state.epoch - start, state.best_fitness, stopped_early, metrics,
+                       run.sync.uri if run.sync is not None else "")
 
 
 def finish(run: Run) -> None:
@@ -390,8 +410,10 @@ def fit(opt: TrainOptions, local_rank: int | None = None, resume: dict[str, Any]
         run = setup(opt, ctx, device, resume)
         result = run_epochs(run)
         finish(run)
-        return result
     finally:
         if run is not None:
             run.logger.close()
         distributed.cleanup()
+    if run.sync is not None:  # finish rewrote best.pt and closing the logger drew results.png
+        run.sync.push()
+    return result

@@ -13,6 +13,11 @@ Two nodes (what a PyTorchJob pod runs; the operator sets the PET_* variables):
 Resume the latest run, or a given checkpoint; train only epochs up to 20 of the schedule:
     python -m trainer.train --resume                     # newest runs/train/*/weights/last.pt
     python -m trainer.train --resume runs/train/exp/weights/last.pt --stop-epoch 20
+
+Data and runs on S3/MinIO (endpoint and keys from S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY;
+the run is staged under $KFYOLO_CACHE/runs/ and uploaded after every epoch):
+    python -m trainer.train --data s3://datasets/shapes/data.yaml --project s3://runs/train --epochs 30
+    python -m trainer.train --resume s3://runs/train/exp/weights/last.pt
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from trainer.data.labels import DatasetError
 from trainer.engine import NonFiniteLossError
 from trainer.models.foreign_pickle import UnsafePickleError
 from trainer.models.yolo import ModelConfigError
+from trainer.storage import StorageError, is_s3
+from trainer.storage_sync import fetch_run
 
 log = logging.getLogger("trainer")
 
@@ -43,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     a = p.add_argument
-    a("--data", help="data YAML (path/train/val/names)")
+    a("--data", help="data YAML (path/train/val/names), local or s3://bucket/prefix/data.yaml")
     a("--cfg", help="model: yolov5n|s|m|l|x or an architecture YAML (default: the --weights architecture, else yolov5n)")
     a("--weights", help="initial weights: a kfyolo checkpoint or an official ultralytics YOLOv5 .pt")
     a("--hyp", help="hyperparameter YAML or hyp.scratch / hyp.finetune (default hyp.scratch)")
@@ -55,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image-weights", action="store_const", const=True, help="sample images by class_weights * (1 - maps)^2")
     a("--multi-scale", action="store_const", const=True, help="random image size in [0.5, 1.5] x imgsz per batch")
     a("--rect", action="store_const", const=True, help="rectangular training batches")
-    a("--resume", nargs="?", const="latest", help="resume a run from its last.pt (default: the newest run)")
+    a("--resume", nargs="?", const="latest",
+      help="resume a run from its last.pt, local or s3:// (default: the newest local run)")
     a("--device", help="cpu, a CUDA index like 0, or empty for auto")
     a("--workers", type=int, help="max dataloader workers per rank (default 8; capped by the CPUs available)")
-    a("--project", help="parent folder of runs (default runs/train)")
+    a("--project", help="parent folder of runs, local or s3://bucket/prefix (default runs/train)")
     a("--name", help="run name; runs/train/NAME, NAME2, ... (default exp)")
     a("--exist-ok", action="store_const", const=True, help="reuse project/name instead of incrementing")
     a("--seed", type=int, help="global seed (default 0)")
@@ -90,7 +98,12 @@ def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, dict[str,
         given["hyp_overrides"] = tuple(sorted(parse_overrides(given.pop("hyp_override")).items()))
     if "resume" not in given:
         return TrainOptions(**given), None
-    path = latest_checkpoint() if given["resume"] == "latest" else Path(given["resume"])
+    if is_s3(given["resume"]):  # the run folder comes down into its staging folder first
+        path, project, name = fetch_run(given["resume"])
+    else:
+        path = latest_checkpoint() if given["resume"] == "latest" else Path(given["resume"])
+        run_dir = path.resolve().parent.parent
+        project, name = str(run_dir.parent), run_dir.name
     ckpt = load_checkpoint(path)
     if ckpt.get("optimizer") is None or ckpt.get("raw_model") is None:
         raise CheckpointError(f"--resume {path}: this checkpoint was stripped for inference; resume from last.pt")
@@ -99,9 +112,9 @@ def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, dict[str,
         if key not in RESUME_MUTABLE and getattr(saved, key) != value:
             raise ConfigError(f"--resume: --{key.replace('_', '-')} {value} differs from the checkpoint's "
                               f"{getattr(saved, key)!r}; a resumed run keeps its configuration")
-    run_dir = path.resolve().parent.parent
     changes = {k: v for k, v in given.items() if k in RESUME_MUTABLE}
-    changes.update(resume=str(path), project=str(run_dir.parent), name=run_dir.name, exist_ok=True)
+    changes.update(resume=given["resume"] if is_s3(given["resume"]) else str(path), project=project, name=name,
+                   exist_ok=True)
     if "stop_epoch" not in given:
         changes["stop_epoch"] = 0
     if ckpt["train_state"]["epoch"] >= saved.epochs:
@@ -121,12 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataConfigError, DatasetError, CheckpointError, ModelConfigError, UnsafePickleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, distributed.DistributedError) as e:
+    except (NonFiniteLossError, distributed.DistributedError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if is_main:
+        where = f"{result.remote_dir} (staged in {result.run_dir})" if result.remote_dir else result.run_dir
         log.info("%d epochs trained%s; best fitness %.4f; results in %s", result.epochs_trained,
-                 " (early stop)" if result.stopped_early else "", result.best_fitness, result.run_dir)
+                 " (early stop)" if result.stopped_early else "", result.best_fitness, where)
     return 0
 
 
