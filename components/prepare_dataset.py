@@ -15,7 +15,7 @@ def prepare_dataset(data: str, dataset: Output[Dataset], report: Output[Artifact
 
     source = data
     if data.startswith("s3://"):  # downloaded once into the local cache
-        from trainer.storage import materialize_data
+        from trainer.storage_sync import materialize_data
 
         source = str(materialize_data(data))
     prepared = prepare(source, dataset.path)

@@ -107,7 +107,7 @@ def run_local(args: argparse.Namespace) -> int:
                   weights=str(Path(args.weights).resolve()) if args.weights else "", imgsz=args.imgsz,
                   batch_size=args.batch_size, epochs_per_block=args.epochs_per_block, workers=args.workers,
                   image_weights=not args.no_image_weights, hyp_overrides=args.hyp_overrides, seed=args.seed,
-                  device=args.device, publish=str(root))
+                  device=args.device, publish=args.publish or str(root))
     log_path = root / "kfp-local.log"
     print(f"kfp.local run of {args.blocks} blocks x {args.epochs_per_block} epochs, {args.workers} worker(s); "
           f"data {params['data']}\nfull log: {log_path}", flush=True)
@@ -127,7 +127,8 @@ def run_local(args: argparse.Namespace) -> int:
             return 1
         finally:
             sys.stdout = real_stdout
-    print(f"done in {time.monotonic() - started:.0f} s; report: {root / 'report.html'}; run folder: {root / 'run'}")
+    where = params["publish"].rstrip("/")
+    print(f"done in {time.monotonic() - started:.0f} s; report: {where}/report.html; run folder: {where}/run")
     return 0
 
 
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="")
     r.add_argument("--synthetic-images", type=int, default=1000, help="size of the generated default dataset")
-    r.add_argument("--root", default="runs/pipelines")
+    r.add_argument("--root", default="runs/pipelines", help="local folder for outputs and the KFP log")
+    r.add_argument("--publish", default="", help="also put the report and run folder here (folder or s3:// prefix); "
+                   "default: the run's folder under --root")
     r.add_argument("--verbose", action="store_true", help="show KFP's full log on the console")
     return p
 

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from pipelines.__main__ import main
 from trainer.checkpoint import load_checkpoint
 
 
-def test_tiny_pipeline_runs_end_to_end(tmp_path, synthetic_yaml, capsys):
-    code = main(["run-local", "--data", str(synthetic_yaml), "--blocks", "2", "--epochs-per-block", "1",
-                 "--imgsz", "64", "--batch-size", "8", "--workers", "2", "--root", str(tmp_path)])
+def test_tiny_pipeline_runs_end_to_end_from_and_to_s3(tmp_path, synthetic_yaml, s3, capsys):
+    """Data from S3, report and final run folder published to S3, no secret in any log."""
+    from s3server import SECRET_KEY
+    from trainer.storage import Storage
+
+    storage = Storage.from_env()
+    storage.upload_dir(synthetic_yaml.parent, "s3://kfyolo/datasets/syn")
+    code = main(["run-local", "--data", "s3://kfyolo/datasets/syn/data.yaml", "--blocks", "2", "--epochs-per-block", "1",
+                 "--imgsz", "64", "--batch-size", "8", "--workers", "2", "--root", str(tmp_path / "local"),
+                 "--publish", "s3://kfyolo/pipelines/t1"])
     out = capsys.readouterr().out
     assert code == 0, out
     for step in ("prepare-dataset", "class-weights", "train-block", "train-block-2", "evaluate", "evaluate-2", "report"):
         assert f"ok  {step} (" in out, step
     assert "block 0 evaluation: mAP@.5" in out and "block 1 evaluation: mAP@.5" in out
-    (root,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    html = (root / "report.html").read_text()
+    assert "report: s3://kfyolo/pipelines/t1/report.html" in out
+    keys = storage.list("s3://kfyolo/pipelines/t1")
+    assert "pipelines/t1/report.html" in keys and "pipelines/t1/run/weights/last.pt" in keys
+    assert "pipelines/t1/run/evaluations/block0/maps.json" in keys
+    html = storage.download_file("s3://kfyolo/pipelines/t1/report.html", tmp_path / "report.html").read_text()
     assert "<title>kfyolo run report</title>" in html and "AP per class per block" in html
-    run = root / "run"
-    assert load_checkpoint(run / "weights" / "last.pt")["epoch"] == 1
-    assert (run / "evaluations" / "block0" / "maps.json").is_file()
-    records = [json.loads(line) for line in (run / "image_weights.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1]
-    assert "Executing task" not in out and "Executing task" in (root / "kfp-local.log").read_text()
+    last = storage.download_file("s3://kfyolo/pipelines/t1/run/weights/last.pt", tmp_path / "last.pt")
+    assert load_checkpoint(last)["epoch"] == 1
+    (root,) = [p for p in (tmp_path / "local").iterdir() if p.is_dir()]
+    log = (root / "kfp-local.log").read_text()
+    assert "Executing task" in log and "Executing task" not in out
+    everything = out + log + "".join(p.read_text(errors="ignore") for p in root.rglob("*.log"))
+    assert SECRET_KEY not in everything  # credentials come from the environment and stay out of logs
 
 
 def test_a_failing_step_fails_the_run(tmp_path, capsys):
