@@ -25,9 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trainer.data.config import SPLITS, DataConfigError, is_image_file
+from trainer.data.config import SPLITS, DataConfigError, is_image_file, read_yaml_mapping
 from trainer.storage import S3Uri, Storage, StorageError
 
 log = logging.getLogger("trainer")
@@ -94,13 +92,7 @@ def materialize_data(uri: str, storage: Storage | None = None) -> Path:
 
 
 def read_remote_yaml(local: Path, uri: S3Uri) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(local.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DataConfigError(f"{uri}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise DataConfigError(f"{uri}: expected a mapping at top level, got {type(raw).__name__}")
-    return raw
+    return read_yaml_mapping(local, str(uri))
 
 
 def _relative(key: str, base: str) -> str:

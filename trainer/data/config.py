@@ -67,6 +67,17 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMG_SUFFIXES
 
 
+def read_yaml_mapping(path: Path, label: str) -> dict[str, Any]:
+    """A YAML file whose top level must be a mapping; errors name `label` (a path or a URI)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataConfigError(f"{label}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise DataConfigError(f"{label}: expected a mapping at top level, got {type(raw).__name__}")
+    return raw
+
+
 def load_data_config(path_or_dict: str | Path | Mapping[str, Any]) -> DataConfig:
     """Parse and validate a data YAML file (or an already-loaded dict).
 
@@ -80,12 +91,7 @@ def load_data_config(path_or_dict: str | Path | Mapping[str, Any]) -> DataConfig
         src = str(yaml_path)
         if not yaml_path.is_file():
             raise DataConfigError(f"{src}: data YAML not found")
-        try:
-            raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise DataConfigError(f"{src}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise DataConfigError(f"{src}: expected a mapping at top level, got {type(raw).__name__}")
+        raw = read_yaml_mapping(yaml_path, src)
         base = yaml_path.parent
 
     for key in ("train", "val", "names"):
