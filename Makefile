@@ -24,10 +24,12 @@ EPOCHS     ?= 30
 CFG        ?= yolov5n
 DEVICE     ?=
 RUNS       ?= runs
+IMAGE      ?= kfyolo:0.1.0
+K8S_VERSION ?= 1.37.0
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: DATA WEIGHTS SYN_IMAGES SYN_SEED BLOCKS EPB WORKERS IMGSZ BATCH EPOCHS CFG DEVICE RUNS"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: DATA WEIGHTS SYN_IMAGES SYN_SEED BLOCKS EPB WORKERS IMGSZ BATCH EPOCHS CFG DEVICE RUNS IMAGE K8S_VERSION"
 
 $(UV):
 	@echo "bootstrapping uv $(UV_VERSION) into $(TOOLS)/"
@@ -74,10 +76,21 @@ bench-ddp: venv ## bench: training images/s at world size 1 and 2 with the same 
 bench-cocoeval: venv ## bench: kfyolo COCO evaluation vs pycocotools on 5,000 images
 	$(PY) bench/bench_cocoeval.py
 
+image: ## build the image every step and PyTorchJob pod runs (IMAGE=registry/kfyolo:TAG; needs docker)
+	@command -v docker > /dev/null || { echo "make image needs docker, which is not on PATH"; exit 1; }
+	@name="$(lastword $(subst /, ,$(IMAGE)))"; tag="$${name##*:}"; \
+	if [ "$$tag" = "$$name" ] || [ "$$tag" = latest ]; then echo "IMAGE=$(IMAGE): pin a tag other than latest"; exit 1; fi
+	docker build -t $(IMAGE) .
+
+lint-k8s: venv ## validate k8s/*.yaml and the compiled cluster pipeline (kubernetes-validate --strict, PyTorchJob CRD)
+	$(VENV)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) \
+	  $(filter-out k8s/kustomization.yaml k8s/pytorchjob.yaml,$(wildcard k8s/*.yaml))
+	$(PY) -m pytest -q tests/test_k8s_manifests.py
+
 tensorboard: venv ## serve TensorBoard over the runs folder (RUNS)
 	$(VENV)/bin/tensorboard --logdir $(RUNS) --bind_all
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf data/synthetic $(RUNS) .pytest_cache
 
-.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval tensorboard clean
+.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval image lint-k8s tensorboard clean

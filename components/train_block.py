@@ -6,17 +6,37 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: int, blocks: int,
                 epochs_per_block: int, cfg: str, weights: str, imgsz: int, batch_size: int, workers: int,
                 image_weights: bool, hyp_overrides: str, seed: int, device: str, launcher: str,
-                model: Output[Model], checkpoint: Input[Model] = None, evaluation: Input[Artifact] = None) -> None:
-    """Train one block with `workers` processes and leave its run folder (weights/last.pt, results,
-    TensorBoard logs, weighting records) in `model`. Block 0 starts from `weights` (or scratch);
-    block k > 0 resumes `checkpoint` and weights its images by `evaluation`'s maps."""
+                model: Output[Model], checkpoint: Input[Model] = None, evaluation: Input[Artifact] = None,
+                run_id: str = "", namespace: str = "", job_image: str = "", nproc_per_node: int = 1,
+                gpus_per_worker: int = 0, cpu: str = "4", memory: str = "16Gi", shm_size: str = "2Gi",
+                s3_prefix: str = "", s3_secret: str = "kfyolo-s3", s3_endpoint: str = "", keep_job: bool = False,
+                timeout_s: int = 86400) -> None:
+    """Train one block and leave its run folder (weights/last.pt, results, TensorBoard logs,
+    weighting records) in `model`. Block 0 starts from `weights` (or scratch); block k > 0 resumes
+    `checkpoint` and weights its images by `evaluation`'s maps.
+
+    launcher="local": `workers` torchrun processes in this step. launcher="pytorchjob": a PyTorchJob
+    of `workers` pods (1 Master + workers-1 Workers), each running `gpus_per_worker` processes (or
+    `nproc_per_node` without GPUs), named after `run_id` and the block; data and checkpoints go
+    through S3 under `s3_prefix`, credentials from the Secret `s3_secret` (see
+    components/launchers/pytorchjob.py for the other parameters)."""
     import json
     from pathlib import Path
 
     from components.launchers import TrainRequest, parse_hyp_overrides, seed_block_folder
 
-    if launcher not in ("local",):
-        raise ValueError(f"launcher {launcher!r}: expected one of ('local',)")
+    if launcher not in ("local", "pytorchjob"):
+        raise ValueError(f"launcher {launcher!r}: expected one of ('local', 'pytorchjob')")
+    job = None
+    if launcher == "pytorchjob":
+        from components.launchers.cluster import S3Secret
+        from components.launchers.pytorchjob import JobOptions
+
+        job = JobOptions(run_id=run_id, image=job_image, s3_prefix=s3_prefix, namespace=namespace, nodes=workers,
+                         nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_worker, cpu=cpu, memory=memory,
+                         shm_size=shm_size, secret=S3Secret(s3_secret, s3_endpoint), keep_job=keep_job,
+                         timeout_s=timeout_s)
+    world_size = job.world_size if job is not None else workers
     if block > 0 and (checkpoint is None or evaluation is None):
         raise ValueError(f"block {block} needs the previous block's checkpoint and evaluation")
     run_dir = Path(model.path)
@@ -25,21 +45,27 @@ def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: 
     request = TrainRequest(
         run_dir=run_dir, data_yaml=str(Path(dataset.path) / "data.yaml"), block=block, blocks=blocks,
         epochs_per_block=epochs_per_block, cfg=cfg, weights=weights, imgsz=imgsz, batch_size=batch_size,
-        world_size=workers, image_weights=image_weights, hyp_overrides=parse_hyp_overrides(hyp_overrides),
+        world_size=world_size, image_weights=image_weights, hyp_overrides=parse_hyp_overrides(hyp_overrides),
         seed=seed, class_weights=class_weights.path, device=device,
         maps=str(Path(evaluation.path) / "maps.json") if evaluation is not None else "")
-    from components.launchers.local import run_local
+    if job is None:
+        from components.launchers.local import run_local
 
-    run_local(request)
+        run_local(request)
+    else:
+        from components.launchers.pytorchjob import run_pytorchjob
+
+        plan = run_pytorchjob(request, job, dataset_dir=Path(dataset.path))
+        model.metadata.update({"pytorchjob": plan.name, "run_uri": plan.run_uri})
     records = (run_dir / "image_weights.jsonl").read_text().splitlines() if image_weights else []
     last = json.loads(records[-1]) if records else {}
     model.metadata.update({"block": block, "epochs": f"{block * epochs_per_block}-{request.stop_epoch - 1}",
-                           "world_size": workers, "launcher": launcher})
+                           "world_size": world_size, "launcher": launcher})
     if last:
         draws = dict(zip(last["names"], last["class_draws"]))
         model.metadata["class_draws_last_epoch"] = draws
         print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1} "
-              f"on {workers} process(es); labels drawn per class in the last epoch: {draws}")
+              f"on {world_size} process(es); labels drawn per class in the last epoch: {draws}")
     else:
         print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1}")
 

@@ -1,6 +1,8 @@
 """Compile the feedback pipeline, or run it here with kfp.local.
 
     python -m pipelines compile --out pipeline.yaml [--blocks 3] [--image REGISTRY/kfyolo:TAG]
+    python -m pipelines compile --launcher pytorchjob --image REGISTRY/kfyolo:TAG --workers 2 \\
+        --gpus-per-worker 1 [--s3-secret kfyolo-s3] [--s3-prefix s3://kfyolo/pipelines]
     python -m pipelines run-local                       # synthetic dataset, 3 blocks, 2 workers, CPU
     python -m pipelines run-local --data ../shared/datasets/coco128/coco128.yaml \\
         --weights ../shared/weights/yolov5n.pt --imgsz 320 --blocks 2 --epochs-per-block 2
@@ -20,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from pipelines.kfyolo_pipeline import DEFAULT_IMAGE, build_pipeline
+from pipelines.kfyolo_pipeline import DEFAULT_IMAGE, ClusterOptions, build_pipeline
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SYNTHETIC = Path("data/synthetic")
@@ -70,11 +72,24 @@ class StepPrinter:
         return False
 
 
-def compile_pipeline(out: Path, blocks: int, image: str, launcher: str) -> Path:
+def compile_pipeline(out: Path, blocks: int, image: str, launcher: str, cluster: ClusterOptions | None = None,
+                     workers: int = 2) -> Path:
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(blocks, image, launcher), str(out))
+    compiler.Compiler().compile(build_pipeline(blocks, image, launcher, cluster, workers), str(out))
     return out
+
+
+def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
+    """The --launcher pytorchjob settings; KFP's own Secret stages under its own bucket by default."""
+    if args.launcher != "pytorchjob":
+        return None
+    prefix = args.s3_prefix or ("s3://mlpipeline/kfyolo" if args.s3_secret == "mlpipeline-minio-artifact"
+                                else ClusterOptions.s3_prefix)
+    return ClusterOptions(gpus_per_worker=args.gpus_per_worker, nproc_per_node=args.nproc_per_node, cpu=args.cpu,
+                          memory=args.memory, shm_size=args.shm_size, s3_secret=args.s3_secret,
+                          s3_endpoint=args.s3_endpoint, s3_prefix=prefix, namespace=args.namespace,
+                          keep_job=args.keep_job, timeout_s=args.job_timeout)
 
 
 def ensure_synthetic(images: int, seed: int, imgsz: int = 256) -> str:
@@ -140,7 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="pipeline.yaml")
     c.add_argument("--blocks", type=int, default=3, help="K: training blocks, unrolled at compile time")
     c.add_argument("--image", default=DEFAULT_IMAGE, help="image every step runs in")
-    c.add_argument("--launcher", default="local", choices=["local"], help="where train_block runs its torchrun")
+    c.add_argument("--launcher", default="local", choices=["local", "pytorchjob"],
+                   help="where train_block runs torchrun: in its own step, or as a Kubeflow PyTorchJob")
+    c.add_argument("--workers", type=int, default=2,
+                   help="default of the workers parameter: processes (local) or pods per PyTorchJob")
+    k = c.add_argument_group("PyTorchJob (--launcher pytorchjob)")
+    k.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs per pod, one process each (0: CPU)")
+    k.add_argument("--nproc-per-node", type=int, default=1, help="processes per pod without GPUs")
+    k.add_argument("--cpu", default="4", help="CPU request per pod")
+    k.add_argument("--memory", default="16Gi", help="memory request and limit per pod")
+    k.add_argument("--shm-size", default="2Gi", help="/dev/shm per pod (memory-backed)")
+    k.add_argument("--s3-secret", default="kfyolo-s3",
+                   help="Secret with the S3 variables (k8s/s3-secret.yaml), or mlpipeline-minio-artifact")
+    k.add_argument("--s3-endpoint", default="",
+                   help="S3 endpoint when the Secret holds only keys (e.g. http://minio-service.kubeflow:9000)")
+    k.add_argument("--s3-prefix", default="", help="s3:// folder for staging and run folders "
+                   "(default s3://kfyolo/pipelines; s3://mlpipeline/kfyolo with KFP's Secret)")
+    k.add_argument("--namespace", default="", help="namespace of the jobs (default: the pipeline's)")
+    k.add_argument("--keep-job", action="store_true", help="keep finished PyTorchJobs (their TTL removes them)")
+    k.add_argument("--job-timeout", type=int, default=86400, help="seconds a block's job may run")
     r = sub.add_parser("run-local", help="run the pipeline here with kfp.local (SubprocessRunner)")
     r.add_argument("--data", help="data YAML, folder with data.yaml, or s3:// prefix (default: synthetic)")
     r.add_argument("--blocks", type=int, default=3)
@@ -165,8 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "compile":
-        out = compile_pipeline(Path(args.out), args.blocks, args.image, args.launcher)
-        print(f"wrote {out} ({args.blocks} blocks, image {args.image}); upload it in the Kubeflow Pipelines UI")
+        try:
+            out = compile_pipeline(Path(args.out), args.blocks, args.image, args.launcher, cluster_options(args),
+                                   args.workers)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} ({args.blocks} blocks, image {args.image}, launcher {args.launcher}); "
+              "upload it in the Kubeflow Pipelines UI")
         return 0
     return run_local(args)
 
