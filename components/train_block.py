@@ -3,6 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
+
 def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: int, blocks: int,
                 epochs_per_block: int, cfg: str, weights: str, imgsz: int, batch_size: int, workers: int,
                 image_weights: bool, hyp_overrides: str, seed: int, device: str, launcher: str,
