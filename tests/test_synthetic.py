@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from trainer.data import shapes
 from trainer.data import synthetic as syn
 
 SEED, N, IMGSZ = 3, 40, 96
@@ -97,7 +98,7 @@ def test_label_files_are_valid_yolo(runs):
         lab = _read_labels(lab_path)
         n_labels += len(lab)
         cls, xywh = lab[:, 0], lab[:, 1:]
-        assert np.all((cls >= 0) & (cls < len(syn.CLASS_NAMES)) & (cls == cls.round()))
+        assert np.all((cls >= 0) & (cls < len(shapes.CLASS_NAMES)) & (cls == cls.round()))
         assert np.all((xywh >= 0) & (xywh <= 1))
         assert np.all(xywh[:, 2:] > 0)
         # Boxes lie inside the image (clipped), up to the 6-decimal rounding.
@@ -109,7 +110,7 @@ def test_label_files_are_valid_yolo(runs):
 
 def test_labels_match_the_plan(runs):
     """The cheap plan-only API counts exactly the labels that rendering writes."""
-    plan = syn.plan_dataset(60, SEED, IMGSZ)
+    plan = shapes.plan_dataset(60, SEED, IMGSZ)
     for p, split in zip(plan.images, plan.splits):
         lab = _read_labels(runs["d"] / "labels" / split / f"{p.name}.txt")
         assert lab[:, 0].astype(int).tolist() == [o.cls for o in p.objects]
@@ -130,8 +131,8 @@ def test_boxes_tightly_enclose_drawn_shapes(runs, run):
     seed = SEED if run == "a" else SEED + 1
     isolated = 0
     for _, img_path, lab_path in _images(runs[run]):
-        plan = syn.plan_image(seed, int(img_path.stem[4:]), IMGSZ)
-        bg = syn.render_background(plan).astype(np.float32)
+        plan = shapes.plan_image(seed, int(img_path.stem[4:]), IMGSZ)
+        bg = shapes.render_background(plan).astype(np.float32)
         img = cv2.imread(str(img_path)).astype(np.float32)
         diff = np.linalg.norm(img - bg, axis=2)  # (H, W) colour distance
         boxes = _pixel_boxes(_read_labels(lab_path), plan.width, plan.height)
@@ -192,8 +193,8 @@ def test_data_yaml_loads_and_points_at_the_splits(runs):
     assert text.startswith("# ")
     data = yaml.safe_load(text)
     assert data["path"] == "."
-    assert data["names"] == dict(enumerate(syn.CLASS_NAMES))
-    assert data["nc"] == len(syn.CLASS_NAMES)
+    assert data["names"] == dict(enumerate(shapes.CLASS_NAMES))
+    assert data["nc"] == len(shapes.CLASS_NAMES)
     root = yaml_path.parent / data["path"]
     n_train = len(list((root / data["train"]).glob("*.jpg")))
     n_val = len(list((root / data["val"]).glob("*.jpg")))
@@ -223,17 +224,17 @@ def test_manifest_counts_match_label_files(runs):
 # --- class balance and stratified split --------------------------------------------------------
 
 
-def _rare(p: syn.ImagePlan) -> int:
-    return sum(o.cls == syn.RARE_CLASS for o in p.objects)
+def _rare(p: shapes.ImagePlan) -> int:
+    return sum(o.cls == shapes.RARE_CLASS for o in p.objects)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_label_shares_are_imbalanced_as_designed(seed):
-    plan = syn.plan_dataset(400, seed, 256)
+    plan = shapes.plan_dataset(400, seed, 256)
     counts = np.bincount([o.cls for p in plan.images for o in p.objects], minlength=6)
     shares = counts / counts.sum()
     assert np.all(np.diff(shares) < 0), f"shares not decreasing: {shares}"
-    assert 0.01 < shares[syn.RARE_CLASS] < 0.06
+    assert 0.01 < shares[shapes.RARE_CLASS] < 0.06
     assert 0.28 < shares[0] < 0.42
     # Most images hold no rare class: image weighting has something to up-weight.
     without = sum(_rare(p) == 0 for p in plan.images)
@@ -244,30 +245,30 @@ def test_label_shares_are_imbalanced_as_designed(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_val_gets_enough_rare_instances(seed):
-    plan = syn.plan_dataset(200, seed, 128)
+    plan = shapes.plan_dataset(200, seed, 128)
     val = sum(_rare(p) for p, s in zip(plan.images, plan.splits) if s == "val")
     train = sum(_rare(p) for p, s in zip(plan.images, plan.splits) if s == "train")
-    assert val >= syn.MIN_VAL_RARE
+    assert val >= shapes.MIN_VAL_RARE
     assert train >= val  # train keeps at least half
     assert plan.splits.count("val") == 50
 
 
 def test_split_of_tiny_dataset_keeps_both_sides():
-    plan = syn.plan_dataset(4, 0, 64, val_fraction=0.9)
+    plan = shapes.plan_dataset(4, 0, 64, val_fraction=0.9)
     assert sorted(plan.splits) == ["train", "val", "val", "val"]
-    plan = syn.plan_dataset(4, 0, 64, val_fraction=0.01)
+    plan = shapes.plan_dataset(4, 0, 64, val_fraction=0.01)
     assert sorted(plan.splits) == ["train", "train", "train", "val"]
 
 
 def test_assign_splits_prefers_rare_images_for_val():
     """Hand-built plans: 20 images, 4 hold the rare class; val (5 images) gets exactly 2 of them."""
-    rare = syn.ObjectPlan(syn.RARE_CLASS, 10, 10, 8, 0, 0)
-    common = syn.ObjectPlan(0, 10, 10, 8, 0, 0)
+    rare = shapes.ObjectPlan(shapes.RARE_CLASS, 10, 10, 8, 0, 0)
+    common = shapes.ObjectPlan(0, 10, 10, 8, 0, 0)
     plans = [
-        syn.ImagePlan(0, k, 64, 64, split_key=k / 20, objects=(rare,) if k in (3, 7, 11, 15) else (common,))
+        shapes.ImagePlan(0, k, 64, 64, split_key=k / 20, objects=(rare,) if k in (3, 7, 11, 15) else (common,))
         for k in range(20)
     ]
-    splits = syn.assign_splits(plans, 0.25)
+    splits = shapes.assign_splits(plans, 0.25)
     # target = min(max(ceil(0.25 * 4), 8), 4 // 2) = 2 rare instances: images 3 and 7 (lowest keys);
     # the other three val slots go to the rare-free images with the lowest keys: 0, 1, 2.
     assert [k for k, s in enumerate(splits) if s == "val"] == [0, 1, 2, 3, 7]

@@ -17,6 +17,7 @@ from trainer.metrics.coco import CocoDT, CocoFormatError, CocoGT
 
 __all__ = ["load_coco_dt", "load_coco_gt"]
 
+
 def _describe(entry: object, limit: int = 160) -> str:
     try:
         text = json.dumps(entry)
