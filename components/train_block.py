@@ -65,8 +65,12 @@ def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: 
     if last:
         draws = dict(zip(last["names"], last["class_draws"]))
         model.metadata["class_draws_last_epoch"] = draws
+        # The most favoured classes first, at most 12 (COCO has 80); all of them are in the metadata.
+        favoured = sorted(zip(last["names"], last["class_weights"], last["class_draws"]), key=lambda t: -t[1])
+        shown = ", ".join(f"{n} {d}" for n, _, d in favoured[:12])
+        more = f", ... {len(favoured) - 12} more" if len(favoured) > 12 else ""
         print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1} "
-              f"on {world_size} process(es); labels drawn per class in the last epoch: {draws}")
+              f"on {world_size} process(es); labels drawn in the last epoch, heaviest class first: {shown}{more}")
     else:
         print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1}")
 

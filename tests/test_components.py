@@ -75,6 +75,23 @@ def test_class_weights_are_normalised_inverse_frequencies(prepared):
     assert cw.metadata["hexagon"] == max(cw.metadata.values())  # the rare class weighs most
 
 
+def test_class_weights_log_line_is_short_for_many_classes(prepared, tmp_path, capsys):
+    _, ds, _ = prepared
+    src = tmp_path / "many"
+    shutil.copytree(ds.path, src)
+    names = [f"c{i:02d}" for i in range(20)]  # classes 6..19 have no labels: each counts as 1, weighs most
+    (src / "data.yaml").write_text(json.dumps({"path": str(src), "train": "images/train", "val": "images/val",
+                                               "names": names}))
+    capsys.readouterr()
+    cw = _art(Artifact, tmp_path, "weights")
+    class_weights.component(IMAGE).python_func(dataset=Dataset(name="many", uri=str(src)), weights=cw)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "class weights:" in ln][0]
+    shown = line.split("class weights: ")[1].split(", ")
+    assert shown[-1] == "... 8 more" and len(shown) == 13
+    assert all(n.startswith(("c06", "c07", "c08", "c09", "c1")) for n in shown[:12])  # the empty classes
+    assert len(cw.metadata) == 20  # the full list stays in the metadata
+
+
 def test_train_two_blocks_and_evaluate(prepared, tmp_path):
     _, ds, cw = prepared
     common = dict(dataset=ds, class_weights=cw, blocks=2, epochs_per_block=1, cfg="yolov5n", weights="", imgsz=64,
