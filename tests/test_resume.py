@@ -27,12 +27,7 @@ def test_block_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, synthe
     assert first["epoch"] == 1 and first["train_state"]["epoch"] == 2
     assert main(["--resume", str(tmp_path / "blocks" / "weights" / "last.pt"), "--workers", "1"]) == 0
 
-    whole = load_checkpoint(tmp_path / "whole" / "weights" / "last.pt")
-    blocks = load_checkpoint(tmp_path / "blocks" / "weights" / "last.pt")
-    assert whole["epoch"] == blocks["epoch"] == 3
-    for part in ("model", "raw_model"):
-        for k, v in whole[part].items():
-            assert torch.equal(v, blocks[part][k]), f"{part}.{k} differs after resume"
+    whole, blocks = _same_final_weights(tmp_path, "resume")
     assert whole["train_state"] == blocks["train_state"]
     def rows(run):  # wall time aside, the same losses and metrics epoch by epoch
         return [{k: v for k, v in r.items() if k != "train_s"}
@@ -41,6 +36,17 @@ def test_block_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, synthe
     assert rows("whole") == rows("blocks") and len(rows("whole")) == 4
     iw_whole = (tmp_path / "whole" / "image_weights.jsonl").read_text()
     assert iw_whole == (tmp_path / "blocks" / "image_weights.jsonl").read_text()
+
+
+def _same_final_weights(tmp_path: Path, how: str) -> tuple[dict, dict]:
+    """Assert the 'whole' and 'blocks' runs ended at epoch 3 with bitwise-equal model and EMA."""
+    whole = load_checkpoint(tmp_path / "whole" / "weights" / "last.pt")
+    blocks = load_checkpoint(tmp_path / "blocks" / "weights" / "last.pt")
+    assert whole["epoch"] == blocks["epoch"] == 3
+    for part in ("model", "raw_model"):
+        for k, v in whole[part].items():
+            assert torch.equal(v, blocks[part][k]), f"{part}.{k} differs after {how}"
+    return whole, blocks
 
 
 def _torchrun(args: list[str]) -> None:
@@ -61,11 +67,6 @@ def test_block_then_resume_under_ddp_matches_bitwise(tmp_path, synthetic_yaml):
     _torchrun([*data, *FLAGS, "--name", "whole"])
     _torchrun([*data, *FLAGS, "--name", "blocks", "--stop-epoch", "2"])
     _torchrun(["--resume", str(tmp_path / "blocks" / "weights" / "last.pt"), "--workers", "0"])
-    whole = load_checkpoint(tmp_path / "whole" / "weights" / "last.pt")
-    blocks = load_checkpoint(tmp_path / "blocks" / "weights" / "last.pt")
-    assert whole["epoch"] == blocks["epoch"] == 3
-    for part in ("model", "raw_model"):
-        for k, v in whole[part].items():
-            assert torch.equal(v, blocks[part][k]), f"{part}.{k} differs after a DDP resume"
+    _same_final_weights(tmp_path, "a DDP resume")
     assert (tmp_path / "whole" / "image_weights.jsonl").read_text() == \
         (tmp_path / "blocks" / "image_weights.jsonl").read_text()
