@@ -76,6 +76,12 @@ bench-ddp: venv ## bench: training images/s at world size 1 and 2 with the same 
 bench-cocoeval: venv ## bench: kfyolo COCO evaluation vs pycocotools on 5,000 images
 	$(PY) bench/bench_cocoeval.py
 
+study: venv ## the sampler study: every sampler at equal compute, 3 held-out seeds, long-tail set + COCO128 (~2 h)
+	$(PY) bench/study_sampling.py
+
+study-quick: venv ## the sampler study's smoke run: one seed, short runs (~15 min)
+	$(PY) bench/study_sampling.py --quick --out $(RUNS)/study_sampling_quick
+
 image: ## build the image every step and PyTorchJob pod runs (IMAGE=registry/kfyolo:TAG; needs docker)
 	@command -v docker > /dev/null || { echo "make image needs docker, which is not on PATH"; exit 1; }
 	@name="$(lastword $(subst /, ,$(IMAGE)))"; tag="$${name##*:}"; \
@@ -93,4 +99,4 @@ tensorboard: venv ## serve TensorBoard over the runs folder (RUNS)
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf data/synthetic $(RUNS) .pytest_cache
 
-.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval image lint-k8s tensorboard clean
+.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval study study-quick image lint-k8s tensorboard clean

@@ -7,14 +7,17 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: int, blocks: int,
                 epochs_per_block: int, cfg: str, weights: str, imgsz: int, batch_size: int, workers: int,
                 image_weights: bool, hyp_overrides: str, seed: int, device: str, launcher: str,
-                model: Output[Model], checkpoint: Input[Model] = None, evaluation: Input[Artifact] = None,
+                model: Output[Model], sampler: str = "", rfs_t: float = 0.1, cls_feedback: float = 0.0,
+                val_every: int = 0, checkpoint: Input[Model] = None, evaluation: Input[Artifact] = None,
                 run_id: str = "", namespace: str = "", job_image: str = "", nproc_per_node: int = 1,
                 gpus_per_worker: int = 0, cpu: str = "4", memory: str = "16Gi", shm_size: str = "2Gi",
                 s3_prefix: str = "", s3_secret: str = "kfyolo-s3", s3_endpoint: str = "", keep_job: bool = False,
                 timeout_s: int = 86400) -> None:
     """Train one block and leave its run folder (weights/last.pt, results, TensorBoard logs,
     weighting records) in `model`. Block 0 starts from `weights` (or scratch); block k > 0 resumes
-    `checkpoint` and weights its images by `evaluation`'s maps.
+    `checkpoint` and weights its images by `evaluation`'s maps. `sampler` (or the classic one for
+    `image_weights`) draws each epoch's images; `val_every` > 0 validates inside the block every so
+    many epochs, so the maps that steer the sampler and `cls_feedback` follow the model.
 
     launcher="local": `workers` torchrun processes in this step. launcher="pytorchjob": a PyTorchJob
     of `workers` pods (1 Master + workers-1 Workers), each running `gpus_per_worker` processes (or
@@ -46,7 +49,8 @@ def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: 
     request = TrainRequest(
         run_dir=run_dir, data_yaml=str(Path(dataset.path) / "data.yaml"), block=block, blocks=blocks,
         epochs_per_block=epochs_per_block, cfg=cfg, weights=weights, imgsz=imgsz, batch_size=batch_size,
-        world_size=world_size, image_weights=image_weights, hyp_overrides=parse_hyp_overrides(hyp_overrides),
+        world_size=world_size, image_weights=image_weights, sampler=sampler, rfs_t=rfs_t, cls_feedback=cls_feedback,
+        val_every=val_every, hyp_overrides=parse_hyp_overrides(hyp_overrides),
         seed=seed, class_weights=class_weights.path, device=device,
         maps=str(Path(evaluation.path) / "maps.json") if evaluation is not None else "")
     if job is None:
@@ -58,10 +62,12 @@ def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: 
 
         plan = run_pytorchjob(request, job, dataset_dir=Path(dataset.path))
         model.metadata.update({"pytorchjob": plan.name, "run_uri": plan.run_uri})
-    records = (run_dir / "image_weights.jsonl").read_text().splitlines() if image_weights else []
+    weighting = run_dir / "image_weights.jsonl"
+    records = weighting.read_text().splitlines() if weighting.is_file() else []
     last = json.loads(records[-1]) if records else {}
     model.metadata.update({"block": block, "epochs": f"{block * epochs_per_block}-{request.stop_epoch - 1}",
-                           "world_size": world_size, "launcher": launcher})
+                           "world_size": world_size, "launcher": launcher,
+                           "sampler": last.get("sampler", sampler or ("classic" if image_weights else "uniform"))})
     if last:
         draws = dict(zip(last["names"], last["class_draws"]))
         model.metadata["class_draws_last_epoch"] = draws
@@ -70,7 +76,7 @@ def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: 
         shown = ", ".join(f"{n} {d}" for n, _, d in favoured[:12])
         more = f", ... {len(favoured) - 12} more" if len(favoured) > 12 else ""
         print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1} "
-              f"on {world_size} process(es); labels drawn in the last epoch, heaviest class first: {shown}{more}")
+              f"on {world_size} process(es), sampler {last.get('sampler', '?')}; labels drawn in the last epoch, heaviest class first: {shown}{more}")
     else:
         print(f"[kfyolo] block {block}: trained epochs {block * epochs_per_block}-{request.stop_epoch - 1}")
 

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from pipelines.kfyolo_pipeline import DEFAULT_IMAGE, ClusterOptions, build_pipeline
+from pipelines.kfyolo_pipeline import DEFAULT_IMAGE, DEFAULT_SAMPLER, ClusterOptions, build_pipeline
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SYNTHETIC = Path("data/synthetic")
@@ -121,7 +121,8 @@ def run_local(args: argparse.Namespace) -> int:
     params = dict(data=str(Path(data).resolve()) if not data.startswith("s3://") else data, cfg=args.cfg,
                   weights=str(Path(args.weights).resolve()) if args.weights else "", imgsz=args.imgsz,
                   batch_size=args.batch_size, epochs_per_block=args.epochs_per_block, workers=args.workers,
-                  image_weights=not args.no_image_weights, hyp_overrides=args.hyp_overrides, seed=args.seed,
+                  image_weights=not args.no_image_weights, sampler=args.sampler, rfs_t=args.rfs_t,
+                  cls_feedback=args.cls_feedback, val_every=args.val_every, hyp_overrides=args.hyp_overrides, seed=args.seed,
                   device=args.device, publish=args.publish or str(root))
     log_path = root / "kfp-local.log"
     print(f"kfp.local run of {args.blocks} blocks x {args.epochs_per_block} epochs, {args.workers} worker(s); "
@@ -183,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--cfg", default="yolov5n")
     r.add_argument("--weights", default="")
-    r.add_argument("--no-image-weights", action="store_true")
+    r.add_argument("--no-image-weights", action="store_true", help="uniform sampling (when --sampler is not given)")
+    r.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=["", "uniform", "classic", "rfs", "adaptive"],
+                   help="per-epoch image sampler of every block (trainer/data/samplers.py)")
+    r.add_argument("--rfs-t", type=float, default=0.1, help="repeat threshold of rfs and adaptive")
+    r.add_argument("--cls-feedback", type=float, default=0.0, help="class loss weighted by AP deficit ** this")
+    r.add_argument("--val-every", type=int, default=5, help="validate every N epochs inside a block (0: never)")
     r.add_argument("--hyp-overrides", default="", help="comma-separated KEY=VALUE")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="")

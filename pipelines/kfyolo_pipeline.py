@@ -15,6 +15,9 @@ from components import class_weights, evaluate, prepare_dataset, report, train_b
 DEFAULT_IMAGE = "kfyolo:0.1.0"  # the project image; set a registry tag at compile time for a cluster
 PIPELINE_NAME = "kfyolo-feedback"
 GPU = "nvidia.com/gpu"
+# The sampler a pipeline uses unless told otherwise ("" = classic when image_weights is on, else
+# uniform); bench/study_sampling.py is the evidence for the choice.
+DEFAULT_SAMPLER = ""
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ def build_pipeline(blocks: int = 3, image: str = DEFAULT_IMAGE, launcher: str = 
                   "(per-class mAP) weights the next block's images by class_weights * (1 - maps)^2.")
     def kfyolo_feedback(data: str, cfg: str = "yolov5n", weights: str = "", imgsz: int = 256,
                         batch_size: int = 16, epochs_per_block: int = 5, workers: int = workers,
-                        image_weights: bool = True, hyp_overrides: str = "", seed: int = 0, device: str = "",
-                        eval_batch_size: int = 32, publish: str = ""):
+                        image_weights: bool = True, sampler: str = DEFAULT_SAMPLER, rfs_t: float = 0.1,
+                        cls_feedback: float = 0.0, val_every: int = 5, hyp_overrides: str = "", seed: int = 0,
+                        device: str = "", eval_batch_size: int = 32, publish: str = ""):
         prepared = prepare_op(data=data).set_display_name("prepare dataset")
         if cluster:
             _use_s3(prepared, cluster)
@@ -92,6 +96,7 @@ def build_pipeline(blocks: int = 3, image: str = DEFAULT_IMAGE, launcher: str = 
             train = train_op(dataset=dataset, class_weights=cw.outputs["weights"], block=k, blocks=blocks,
                              epochs_per_block=epochs_per_block, cfg=cfg, weights=weights, imgsz=imgsz,
                              batch_size=batch_size, workers=workers, image_weights=image_weights,
+                             sampler=sampler, rfs_t=rfs_t, cls_feedback=cls_feedback, val_every=val_every,
                              hyp_overrides=hyp_overrides, seed=seed, device=device, launcher=launcher,
                              **previous, **job_args).set_display_name(f"train block {k + 1}/{blocks}")
             model = train.outputs["model"]

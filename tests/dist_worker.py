@@ -41,15 +41,18 @@ def scenario_broadcast(ctx: distributed.DistContext, out: Path) -> dict:
     from torch.utils.data import DistributedSampler
 
     from trainer.data import weights as iw
+    from trainer.data.samplers import ImageSampler, LabelStats, SamplerConfig
     from trainer.fit import epoch_indices
 
     nc, n = 5, 37  # n not divisible by the world size: the sampler pads
     labels = _labels(n, nc, seed=1)
     maps = np.full(nc, 0.9 if ctx.rank else 0.1)
     maps[4] = 0.0
+    kind = os.environ.get("TEST_SAMPLER", "classic")
+    image_sampler = ImageSampler(SamplerConfig(kind, rfs_t=0.5), LabelStats(labels, nc), iw.class_weights(labels, nc))
     lists, shards = [], []
     for epoch in range(3):
-        idx = epoch_indices(labels, nc, iw.class_weights(labels, nc), maps, seed=7, epoch=epoch, is_main=ctx.is_main)
+        idx = epoch_indices(image_sampler, maps, seed=7, epoch=epoch, is_main=ctx.is_main)
         sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=7)
         sampler.set_epoch(epoch)
         positions = list(sampler)
@@ -110,7 +113,47 @@ def scenario_die(ctx: distributed.DistContext, out: Path) -> dict:
     return {"error": None}
 
 
-SCENARIOS = {"broadcast": scenario_broadcast, "ddp_step": scenario_ddp_step, "die": scenario_die}
+def detecting_model(seed: int, nc: int) -> torch.nn.Module:
+    """A randomly initialised yolov5n whose objectness bias is raised, so it emits plenty of boxes
+    (some of which hit the labels) and validation has real work to merge."""
+    torch.manual_seed(seed)
+    model = build_model("yolov5n", nc=nc)
+    with torch.no_grad():
+        for conv in model.detect.m:
+            conv.bias.view(model.detect.na, -1)[:, 4] += 4.0
+    return model.eval()
+
+
+def val_loader_for(data_yaml: str, batch: int, rank: int | None = None, world: int = 1):
+    """The val split at 64 px, rect batches as training validates; sharded when rank is given."""
+    from torch.utils.data import DataLoader
+
+    from trainer.data.config import load_data_config
+    from trainer.data.dataset import YoloDataset
+    from trainer.validate import ShardedBatches
+
+    cfg = load_data_config(data_yaml)
+    ds = YoloDataset.from_config(cfg, "val", img_size=64, batch_size=batch, rect=True, pad=0.5, workers=1)
+    if rank is None:
+        return DataLoader(ds, batch_size=batch, shuffle=False, collate_fn=YoloDataset.collate_fn), cfg.names
+    return DataLoader(ds, batch_sampler=ShardedBatches(len(ds), batch, rank, world),
+                      collate_fn=YoloDataset.collate_fn), cfg.names
+
+
+def scenario_sharded_val(ctx: distributed.DistContext, out: Path) -> dict:
+    """Rank 1 starts from other weights; rank 0's are broadcast, then each validates its shard."""
+    from trainer.amp import resolve_precision
+    from trainer.validate import run_sharded_validation
+
+    loader, names = val_loader_for(os.environ["TEST_DATA"], batch=3, rank=ctx.rank, world=ctx.world_size)
+    model = detecting_model(seed=0 if ctx.is_main else 99, nc=len(names))
+    distributed.broadcast_state(model, src=0)
+    result = run_sharded_validation(model, loader, torch.device("cpu"), names, resolve_precision("off", torch.device("cpu")),
+                                    is_main=ctx.is_main)
+    return {"result": result, "batches": len(loader)}
+
+
+SCENARIOS = {"sharded_val": scenario_sharded_val, "broadcast": scenario_broadcast, "ddp_step": scenario_ddp_step, "die": scenario_die}
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,12 +47,16 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120, extra
     return results
 
 
-def test_image_weight_broadcast_gives_identical_lists_and_disjoint_covering_shards(tmp_path):
-    results = launch("broadcast", tmp_path)
+@pytest.mark.parametrize("sampler", ["uniform", "classic", "rfs", "adaptive"])
+def test_every_sampler_broadcasts_identical_lists_with_disjoint_covering_shards(tmp_path, sampler):
+    results = launch("broadcast", tmp_path, extra_env={"TEST_SAMPLER": sampler})
     assert all(r.returncode == 0 for r in results), [r.stdout[-2000:] for r in results]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["lists"] == r1["lists"]  # rank 1 passed other maps: rank 0's list wins
-    assert r0["lists"][0] != r0["lists"][1]  # a new draw each epoch
+    if sampler == "uniform":
+        assert r0["lists"][0] == list(range(37))  # each image once; the loader's sampler shuffles
+    else:
+        assert r0["lists"][0] != r0["lists"][1]  # a new draw each epoch
     n = 37
     for epoch in range(3):
         p0, p1 = r0["positions"][epoch], r1["positions"][epoch]
@@ -121,3 +126,29 @@ def test_a_rank_that_cannot_reach_the_master_fails_naming_the_address(tmp_path, 
     assert f"rank 1: cannot join the process group at 127.0.0.1:{port} within 5 s" in proc.stderr
     assert elapsed < 60  # bounded by the timeout (plus interpreter start), not a hang
     assert not any(tmp_path.iterdir())  # nothing written by a rank that never joined
+
+
+def test_sharded_validation_equals_single_process_validation(tmp_path, synthetic_yaml):
+    """2 gloo ranks, each validating its batches after rank 0's weights were broadcast, give exactly
+    the COCO figures of one process validating everything with the same model."""
+    results = launch("sharded_val", tmp_path, extra_env={"TEST_DATA": str(synthetic_yaml)})
+    assert all(r.returncode == 0 for r in results), [r.stdout[-2000:] for r in results]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert np.array_equal(r0["result"]["coco_stats"], r1["result"]["coco_stats"])  # rank 0's figures reach all
+    assert r0["batches"] + r1["batches"] == 3  # 8 val images in batches of 3: 2 + 1
+
+    sys.path.insert(0, str(WORKER.parent))
+    import dist_worker
+    from trainer.amp import resolve_precision
+    from trainer.validate import run_validation
+
+    loader, names = dist_worker.val_loader_for(str(synthetic_yaml), batch=3)
+    model = dist_worker.detecting_model(seed=0, nc=len(names))
+    single = run_validation(model, loader, torch.device("cpu"), names, resolve_precision("off", torch.device("cpu")))
+    sharded = r0["result"]
+    assert single["map50"] > 0  # the model finds some boxes: the comparison is not of zeros
+    assert sharded["n_images"] == single["n_images"] == 8
+    for key in ("coco_stats", "maps", "ap50_per_class", "p_per_class", "r_per_class"):
+        assert np.array_equal(np.asarray(sharded[key]), np.asarray(single[key])), key
+    for key in ("precision", "recall", "map50", "map", "val_box", "val_obj", "val_cls"):
+        assert sharded[key] == single[key], key

@@ -266,7 +266,7 @@ def test_no_weighting_no_pictures_no_options(tmp_path):
     assert summary.rare_class is None and not summary.image_weights
     assert summary.block_epochs == ((0, 3),)  # one evaluation over 4 epochs: E inferred as 4
     assert Page(text).rows("blocks") == [["1", "0–3", "0.500", "0.250", "0.432", "0.234"]]
-    assert "Image weighting was off" in build_markdown(summary)
+    assert "(no image weighting)" in build_markdown(summary)
 
 
 def test_dataset_report_counts_and_rejects(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from trainer.data.samplers import SAMPLERS, SamplerConfig
 from trainer.storage import S3Uri, StorageError, is_s3
 
 
@@ -170,7 +171,12 @@ class TrainOptions:
     linear_lr: bool = False       # linear LR decay instead of cosine
     patience: int = 100           # epochs without fitness improvement before stopping; 0 = never
     amp: str = "auto"             # auto, fp16, bf16 or off
-    noval: bool = False           # validate only on the final epoch
+    noval: bool = False           # validate only on the final epoch (same as val_every 0)
+    val_every: int = 1            # validate (and refresh maps) every N epochs and after the last; 0 = last only
+    sampler: str = ""             # uniform, classic, rfs or adaptive; "" = classic with image_weights, else uniform
+    rfs_t: float = 0.1            # repeat threshold t of rfs/adaptive (LVIS uses 0.001 for ~1,000 classes)
+    sampler_power: float = 1.0    # adaptive: exponent on each class's AP deficit
+    cls_feedback: float = 0.0     # weight the class loss by the AP deficit ** this; 0 = off
     maps: str = ""                # maps.json from an earlier evaluation, seeds image weights
     class_weights: str = ""       # class_weights.json (from the pipeline's step); default: from the labels
     stop_epoch: int = 0           # train epochs [start, stop) of an `epochs` schedule; 0 = all
@@ -188,8 +194,15 @@ class TrainOptions:
             (self.optimizer in ("SGD", "Adam", "AdamW"), f"--optimizer must be SGD, Adam or AdamW, got {self.optimizer!r}"),
             (self.amp in ("auto", "fp16", "bf16", "off"), f"--amp must be auto, fp16, bf16 or off, got {self.amp!r}"),
             (0 <= self.stop_epoch <= self.epochs, f"--stop-epoch must be in [0, --epochs], got {self.stop_epoch}"),
-            (not (self.rect and self.image_weights), "--rect and --image-weights can't be combined: rectangular "
-             "training fixes the image order, image weighting resamples it"),
+            (not (self.rect and self.sampler_kind != "uniform"), "--rect and --image-weights/--sampler can't be "
+             "combined: rectangular training fixes the image order, a sampler redraws it"),
+            (not (self.image_weights and self.sampler not in ("", "classic")),
+             f"--image-weights means --sampler classic; it can't be combined with --sampler {self.sampler}"),
+            (self.sampler in ("",) + SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"),
+            (0 < self.rfs_t <= 1, f"--rfs-t must be in (0, 1], got {self.rfs_t}"),
+            (0 <= self.sampler_power <= 8, f"--sampler-power must be in [0, 8], got {self.sampler_power}"),
+            (0 <= self.cls_feedback <= 8, f"--cls-feedback must be in [0, 8], got {self.cls_feedback}"),
+            (self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}"),
             (not (self.rect and self.multi_scale), "--rect and --multi-scale can't be combined: rect batch shapes are fixed"),
             (bool(self.data) or bool(self.resume), "--data is required"),
         ]
@@ -202,6 +215,22 @@ class TrainOptions:
                     S3Uri.parse(value)
                 except StorageError as e:
                     raise ConfigError(f"{flag}: {e}") from None
+
+    @property
+    def sampler_kind(self) -> str:
+        """The sampler in effect: --sampler, or classic for --image-weights, else uniform."""
+        return self.sampler or ("classic" if self.image_weights else "uniform")
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(self.sampler_kind, self.rfs_t, self.sampler_power)
+
+    def validates_after(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (0-based) ends with a validation: every --val-every epochs, and
+        always after the last epoch of the schedule."""
+        if epoch + 1 == self.epochs:
+            return True
+        every = 0 if self.noval else self.val_every
+        return every > 0 and (epoch + 1) % every == 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

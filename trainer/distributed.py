@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -95,7 +96,13 @@ def init_distributed(ctx: DistContext, device: torch.device, timeout_s: float = 
 
 
 def cleanup() -> None:
+    """Leave the process group. Drop DDP wrappers first (their reducer holds the group)."""
     if dist.is_available() and dist.is_initialized():
+        # Gloo's worker threads free finished work objects, and freeing a tensor made in Python
+        # needs the GIL. A rank with nothing left to do reaches the group's destructor, which joins
+        # those threads while holding the GIL, before they got it: both wait forever (seen at exit
+        # of an idle rank). A short sleep hands them the GIL first.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
@@ -139,6 +146,32 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_objects(obj: Any, dst: int = 0) -> list[Any]:
+    """Every rank's `obj` on rank `dst`, in rank order; other ranks get an empty list."""
+    if not _active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out or []
+
+
+@torch.no_grad()
+def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every parameter and buffer of `module` with rank `src`'s, in place (one flat
+    broadcast per dtype; the modules must have the same architecture on every rank)."""
+    if not _active():
+        return
+    tensors = list(module.state_dict().values())
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group]).to(collective_device())
+        dist.broadcast(flat, src)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """A whole training run: setup, then the epoch loop with image weighting, validation, checkpoints
 and early stopping. `train.py` turns command lines into `TrainOptions` and calls `fit`.
 
-Under DDP, validation runs on rank 0 with the EMA model while the other ranks wait at a barrier:
-the validation split is small next to training, and one process gives COCO-exact numbers with no
-cross-rank merging of detections. Rank 0 also owns maps, checkpoints and every file written.
+Every epoch starts with the sampler (trainer/data/samplers.py) drawing the epoch's image list on
+rank 0, broadcast to every rank. Validation runs every --val-every epochs and after the last one;
+under DDP it is sharded: rank 0's EMA weights are broadcast, every rank validates whole batches of
+its share, and rank 0 merges the detections (trainer/validate.py), so the maps that steer the next
+draw follow the model at about 1/world_size of a single-process pass. Rank 0 owns checkpoints and
+every file written.
 
 `--data s3://...` is downloaded once per node before anything reads it; with `--project s3://...` the
 run folder is a local staging copy that rank 0 uploads after every epoch and at the end
@@ -12,6 +15,7 @@ run folder is a local staging copy that rank 0 uploads after every epoch and at 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -30,6 +34,7 @@ from trainer.amp import Precision, resolve_precision
 from trainer.checkpoint import save_checkpoint
 from trainer.config import ConfigError, Hyp, TrainOptions, load_hyp, save_yaml
 from trainer.data import weights as iw
+from trainer.data.samplers import ImageSampler, LabelStats, loss_class_weights
 from trainer.data.config import DataConfig, load_data_config
 from trainer.data.dataset import YoloDataset, seed_worker
 from trainer.ema import ModelEMA, unwrap
@@ -44,7 +49,7 @@ from trainer.schedule import lr_factor, nominal_accumulate, scaled_weight_decay,
 from trainer.state import TrainState, build_checkpoint, strip_for_inference
 from trainer.storage import is_s3
 from trainer.storage_sync import RunSync, materialize_data, next_remote_run_dir, staging_dir
-from trainer.validate import run_validation
+from trainer.validate import ShardedBatches, run_sharded_validation, run_validation
 
 log = logging.getLogger("trainer")
 
@@ -68,6 +73,7 @@ class Run:
     run_dir: Path
     model: torch.nn.Module          # DDP-wrapped when distributed
     ema: ModelEMA | None            # rank 0 only
+    val_model: torch.nn.Module | None  # other ranks under DDP: receives rank 0's EMA weights to validate
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loss_fn: YoloLoss
@@ -75,9 +81,10 @@ class Run:
     device: torch.device
     train_set: YoloDataset
     train_loader: DataLoader
-    val_loader: DataLoader | None   # rank 0 only
+    val_loader: DataLoader          # under DDP, each rank's ShardedBatches of the val split
     names: list[str]
     class_weights: np.ndarray       # (nc,) normalised; inverse label frequency unless given
+    sampler: ImageSampler
     state: TrainState
     ctx: distributed.DistContext
     logger: RunLogger
@@ -157,12 +164,15 @@ def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx
         worker_init_fn=seed_worker, generator=torch.Generator(),
         # Not persistent: workers are forked anew each epoch, so they see that epoch's `indices`.
         persistent_workers=False)
-    val_loader = None
+    val_set = YoloDataset.from_config(data, "val", img_size=opt.imgsz, batch_size=batch * 2, augment=False,
+                                      rect=True, stride=stride, pad=0.5, workers=scan_threads)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn)
+    if ctx.distributed:  # every rank validates whole batches of its share (see trainer/validate.py)
+        shard = ShardedBatches(len(val_set), batch * 2, ctx.rank, ctx.world_size)
+        val_loader = DataLoader(val_set, batch_sampler=shard, **common)
+    else:
+        val_loader = DataLoader(val_set, batch_size=batch * 2, shuffle=False, **common)
     if ctx.is_main:
-        val_set = YoloDataset.from_config(data, "val", img_size=opt.imgsz, batch_size=batch * 2, augment=False,
-                                          rect=True, stride=stride, pad=0.5, workers=scan_threads)
-        val_loader = DataLoader(val_set, batch_size=batch * 2, shuffle=False, num_workers=workers,
-                                pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn)
         log.info("%s", train_set.report.summary())
         log.info("%s", val_set.report.summary())
     return train_set, train_loader, val_loader
@@ -246,6 +256,7 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
     if opt.sync_bn and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = ModelEMA(model) if ctx.is_main else None
+    val_model = copy.deepcopy(unwrap(model)).eval() if ctx.distributed and not ctx.is_main else None
     scaler = precision.grad_scaler()
     state = TrainState(maps=np.zeros(len(names)), accumulate=nominal_accumulate(opt.batch_size))
     if resume is not None:
@@ -259,9 +270,15 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
     logger.info("precision %s on %s; %d images/step (batch %d x accumulate %d); %d dataloader workers per rank",
                 precision.name, device, opt.batch_size * state.accumulate, opt.batch_size, state.accumulate,
                 train_loader.num_workers)
-    return Run(opt, hyp, run_dir, model, ema, optimizer, scaler, loss_fn, precision, device, train_set,
-               train_loader, val_loader, names, run_class_weights(opt.class_weights, train_set.labels, len(names)),
-               state, ctx, logger, sync)
+    class_weights = run_class_weights(opt.class_weights, train_set.labels, len(names))
+    sampler = ImageSampler(opt.sampler_config(), LabelStats(train_set.labels, len(names)), class_weights)
+    logger.info("sampler %s%s%s; validation %s", sampler.kind,
+                f" (t {opt.rfs_t:g})" if sampler.kind in ("rfs", "adaptive") else "",
+                f"; class loss weighted by AP deficit^{opt.cls_feedback:g}" if opt.cls_feedback else "",
+                "after the last epoch only" if opt.noval or not opt.val_every else
+                f"every {opt.val_every} epoch(s), sharded over {ctx.world_size} rank(s)")
+    return Run(opt, hyp, run_dir, model, ema, val_model, optimizer, scaler, loss_fn, precision, device, train_set,
+               train_loader, val_loader, names, class_weights, sampler, state, ctx, logger, sync)
 
 
 def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | None,
@@ -280,33 +297,33 @@ def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | 
 
 # ---------------------------------------------------------------------------------------- epochs
 
-def epoch_indices(labels: list[np.ndarray], nc: int, class_weights: np.ndarray, maps: np.ndarray, seed: int,
-                  epoch: int, is_main: bool) -> np.ndarray:
-    """This epoch's image list: rank 0 draws n indices from class_weights * (1 - maps)^2 seeded by
-    (seed, epoch) and broadcasts them (in a tensor on the device the backend needs), so every rank
-    holds rank 0's list whatever its own maps say. Each rank's sampler then takes a disjoint shard."""
-    indices = torch.zeros(len(labels), dtype=torch.int64)
+def epoch_indices(sampler: ImageSampler, maps: np.ndarray, seed: int, epoch: int, is_main: bool) -> np.ndarray:
+    """This epoch's image list: rank 0 draws n indices with `sampler` seeded by (seed, epoch) and
+    broadcasts them (in a tensor on the device the backend needs), so every rank holds rank 0's list
+    whatever its own maps say. Each rank's DistributedSampler then takes a disjoint shard."""
+    indices = torch.zeros(sampler.stats.n, dtype=torch.int64)
     if is_main:
-        cw = iw.epoch_class_weights(class_weights, maps)
-        drawn = iw.draw_indices(iw.image_weights(labels, nc, cw), len(labels), seed, epoch)
-        indices = torch.as_tensor(np.asarray(drawn), dtype=torch.int64)
+        indices = torch.as_tensor(sampler.draw(maps, seed, epoch), dtype=torch.int64)
     return distributed.broadcast_tensor(indices, src=0).numpy()
 
 
 def weight_images(run: Run, epoch: int) -> None:
-    """Set `dataset.indices` for the epoch and record the weighting (rank 0)."""
-    ds, nc = run.train_set, len(run.names)
-    ds.indices = epoch_indices(ds.labels, nc, run.class_weights, run.state.maps, run.opt.seed, epoch,
-                               run.ctx.is_main)
-    cw = iw.epoch_class_weights(run.class_weights, run.state.maps)
-    run.logger.image_weights({
-        "epoch": epoch,
-        "names": run.names,
-        "maps": [round(float(m), 6) for m in run.state.maps],
-        "class_weights": [float(w) for w in cw / max(float(cw.sum()), 1e-12)],
+    """Set `dataset.indices` and the class loss weights for the epoch; record both (rank 0)."""
+    ds, nc, maps = run.train_set, len(run.names), run.state.maps
+    ds.indices = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
+    record: dict[str, Any] = {"epoch": epoch, "sampler": run.sampler.kind, "names": run.names,
+                              "maps": [round(float(m), 6) for m in maps]}
+    if run.opt.cls_feedback:
+        loss_w = loss_class_weights(maps, run.opt.cls_feedback)
+        run.loss_fn.set_class_weights(torch.as_tensor(loss_w, dtype=torch.float32))
+        record["loss_class_weights"] = [round(float(w), 6) for w in loss_w]
+    factors = run.sampler.class_factors(maps)
+    record.update({
+        "class_weights": [float(w) for w in factors / max(float(factors.sum()), 1e-12)],
         "class_draws": [int(c) for c in iw.draw_counts(ds.indices, ds.labels, nc)],
         "class_labels": [int(c) for c in iw.class_counts(ds.labels, nc)],
     })
+    run.logger.image_weights(record)
 
 
 def epoch_plan(run: Run, epoch: int) -> EpochPlan:
@@ -320,10 +337,16 @@ def epoch_plan(run: Run, epoch: int) -> EpochPlan:
         lr_factor=lr_factor(opt.epochs, hyp.lrf, opt.linear_lr)(epoch))
 
 
-def validate_epoch(run: Run, final: bool) -> dict[str, Any]:
-    if not run.ctx.is_main or (run.opt.noval and not final):
+def validate_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Validate the EMA model after `epoch` when the schedule says so; every rank gets the metrics."""
+    if not run.opt.validates_after(epoch):
         return {}
-    return run_validation(run.ema.ema, run.val_loader, run.device, run.names, run.precision, run.loss_fn)
+    if not run.ctx.distributed:
+        return run_validation(run.ema.ema, run.val_loader, run.device, run.names, run.precision, run.loss_fn)
+    model = run.ema.ema if run.ctx.is_main else run.val_model
+    distributed.broadcast_state(model, src=0)
+    return run_sharded_validation(model, run.val_loader, run.device, run.names, run.precision, run.loss_fn,
+                                  is_main=run.ctx.is_main)
 
 
 def save_epoch(run: Run, metrics: dict[str, Any], is_best: bool) -> None:
@@ -338,7 +361,9 @@ def save_epoch(run: Run, metrics: dict[str, Any], is_best: bool) -> None:
     if is_best:
         save_checkpoint(ckpt, weights / "best.pt")
     if "maps" in metrics:
-        maps = {"names": run.names, "maps": [float(m) for m in run.state.maps], "epoch": run.state.epoch - 1}
+        maps = {"names": run.names, "maps": [float(m) for m in run.state.maps], "epoch": run.state.epoch - 1,
+                "ap50": [float(a) for a in metrics["ap50_per_class"]],
+                "val_labels": [int(n) for n in metrics["n_gt_per_class"]]}
         (run.run_dir / "maps.json").write_text(json.dumps(maps, indent=1))
 
 
@@ -350,8 +375,7 @@ def run_epochs(run: Run) -> TrainResult:
     stopped_early = False
     start = state.epoch
     for epoch in range(start, stop):
-        if opt.image_weights:
-            weight_images(run, epoch)
+        weight_images(run, epoch)
         if isinstance(run.train_loader.sampler, DistributedSampler):
             run.train_loader.sampler.set_epoch(epoch)
         # Shuffling, augmentation and multi-scale sizes are functions of (seed, epoch): resumable.
@@ -363,16 +387,15 @@ def run_epochs(run: Run) -> TrainResult:
                                       epoch_plan(run, epoch), counter, run.precision, run.device, rng, run.logger)
         train_stats["train_s"] = time.perf_counter() - started
         state.last_opt_step, state.accumulate = counter.last_opt_step, counter.accumulate
-        metrics = validate_epoch(run, final=epoch + 1 == opt.epochs)
+        metrics = validate_epoch(run, epoch)
         state.epoch = epoch + 1
-        stop_now = False
+        stop_now = is_best = False
+        if metrics:  # on every rank: the maps steer the next draw and the class loss weights
+            state.maps = np.asarray(metrics["maps"], dtype=np.float64)
+            fi = fitness(metrics)
+            if fi > state.best_fitness or state.best_epoch < 0:
+                state.best_fitness, state.best_epoch, is_best = fi, epoch, True
         if ctx.is_main:
-            is_best = False
-            if metrics:
-                state.maps = np.asarray(metrics["maps"], dtype=np.float64)
-                fi = fitness(metrics)
-                if fi > state.best_fitness or state.best_epoch < 0:
-                    state.best_fitness, state.best_epoch, is_best = fi, epoch, True
             save_epoch(run, metrics, is_best)
             run.logger.epoch_end(epoch, {**train_stats, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
             if run.sync is not None:  # after results.csv and the checkpoints of this epoch are written
@@ -413,6 +436,7 @@ def fit(opt: TrainOptions, local_rank: int | None = None, resume: dict[str, Any]
     finally:
         if run is not None:
             run.logger.close()
+            run.model = unwrap(run.model)  # free DDP's reducer before its process group goes
         distributed.cleanup()
     if run.sync is not None:  # finish rewrote best.pt and closing the logger drew results.png
         run.sync.push()

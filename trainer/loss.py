@@ -115,7 +115,7 @@ class FocalBCE(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = nn.functional.binary_cross_entropy_with_logits(
-            logits, target, pos_weight=self.bce.pos_weight, reduction="none")
+            logits, target, weight=self.bce.weight, pos_weight=self.bce.pos_weight, reduction="none")
         p = torch.sigmoid(logits)
         p_t = target * p + (1 - target) * (1 - p)
         alpha_t = target * self.alpha + (1 - target) * (1 - self.alpha)
@@ -139,6 +139,16 @@ class YoloLoss:
         # Smoothed class targets: positive 1 - eps/2, negative eps/2.
         self.cls_pos = 1.0 - 0.5 * gains.label_smoothing
         self.cls_neg = 0.5 * gains.label_smoothing
+
+    def set_class_weights(self, weights: torch.Tensor | None) -> None:
+        """Weight each class's BCE column by `weights` (nc,) (e.g. from maps; mean 1 keeps the loss
+        scale), or None for equal weights. Multiplies both its positive and negative terms."""
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=self.anchors.device).reshape(-1)
+            if weights.shape != (self.nc,) or not torch.isfinite(weights).all() or (weights < 0).any():
+                raise ValueError(f"class loss weights must be {self.nc} finite values >= 0")
+        bce = self.cls_bce.bce if isinstance(self.cls_bce, FocalBCE) else self.cls_bce
+        bce.weight = weights
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """preds: per level (B, na, H, W, 5 + nc) logits; targets: (nt, 6) normalised."""

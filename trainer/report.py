@@ -48,11 +48,12 @@ class ReportSummary:
     map50: tuple[float, ...]
     map: tuple[float, ...]
     class_ap: tuple[tuple[float, ...], ...]  # (B, nc) AP@.5:.95
-    image_weights: bool  # an image-weighting record exists in the run folder
+    image_weights: bool  # the sampler weighted images (anything but uniform)
     rare_classes: tuple[int, ...]  # classes with the smallest label share (ties kept)
     rare_class: str | None  # name of the first of them
     rare_ap: tuple[float, ...]  # (B,)
     rare_draw_share: tuple[float, ...]  # (B,) share of drawn labels in that block's epochs
+    sampler: str = "?"  # uniform, classic, rfs or adaptive (from the weighting records or opt.yaml)
     html: str = ""
     html_bytes: int = 0
 
@@ -240,6 +241,15 @@ def infer_epochs_per_block(run: RunFiles, n_evals: int) -> int | None:
     return max(1, math.ceil(int(n_epochs) / n_evals)) if isinstance(n_epochs, int) and n_epochs > 0 else None
 
 
+def run_sampler(run: RunFiles) -> str:
+    """The run's sampler: its weighting records say (records before samplers existed were classic),
+    else opt.yaml."""
+    if run.weighting:
+        return str(run.weighting[-1].get("sampler", "classic"))
+    o = run.opt
+    return str(o.get("sampler") or ("classic" if o.get("image_weights") else "uniform" if o else "?"))
+
+
 def summarise(title: str, run: RunFiles, evals: Sequence[Evaluation], names: tuple[str, ...],
               counts: np.ndarray | None, per_block: int | None) -> ReportSummary:
     """The numbers the page and the pipeline share."""
@@ -254,7 +264,8 @@ def summarise(title: str, run: RunFiles, evals: Sequence[Evaluation], names: tup
     return ReportSummary(
         title=title, names=names, label_share=tuple(float(s) for s in share), block_epochs=tuple(blocks),
         precision=metric("precision"), recall=metric("recall"), map50=metric("map50"), map=metric("map"),
-        class_ap=tuple(tuple(float(a) for a in e.ap) for e in evals), image_weights=bool(run.weighting),
+        class_ap=tuple(tuple(float(a) for a in e.ap) for e in evals),
+        image_weights=bool(run.weighting) and run_sampler(run) != "uniform", sampler=run_sampler(run),
         rare_classes=rare, rare_class=names[rare[0]] if rare else None,
         rare_ap=tuple(float(e.ap[rare[0]]) for e in evals) if rare else (),
         rare_draw_share=tuple(float(d[rare[0]]) for d in draws) if rare else ())
@@ -314,8 +325,7 @@ def build_markdown(summary: ReportSummary) -> str:
             lines += ["", "| block | AP@.5:.95 | share of drawn labels |", "|---:|---:|---:|"]
             lines += [f"| {k + 1} | {_md(ap)} | {_md(d, pct=True)} |"
                       for k, (ap, d) in enumerate(zip(summary.rare_ap, summary.rare_draw_share))]
-    if not summary.image_weights:
-        lines += ["", "Image weighting was off for this run (no image_weights.jsonl)."]
+    lines += ["", f"Sampler: {esc(summary.sampler)}" + ("" if summary.image_weights else " (no image weighting).")]
     return "\n".join(lines) + "\n"
 
 

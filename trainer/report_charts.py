@@ -277,7 +277,8 @@ def _header(p: PageInput) -> str:
     model = o.get("cfg") or o.get("weights") or "?"
     rows = [("model", model), ("data", o.get("data", "?")), ("image size", o.get("imgsz", "?")),
             ("epochs", o.get("epochs", "?")), ("batch size (total)", o.get("batch_size", "?")),
-            ("image weights", {True: "on", False: "off"}.get(o.get("image_weights"), "?")),
+            ("sampler", s.sampler), ("validation every", o.get("val_every", 1) if not o.get("noval") else "block end"),
+            ("class loss feedback", o.get("cls_feedback") or "off"),
             ("multi-scale", {True: "on", False: "off"}.get(o.get("multi_scale"), "?")),
             ("optimizer", o.get("optimizer", "?")), ("seed", o.get("seed", "?"))]
     if "world_size" in o:
@@ -358,6 +359,18 @@ def _classes(p: PageInput) -> str:
     return "".join(out)
 
 
+SAMPLER_NOTES = {
+    "uniform": "Sampler uniform: every epoch draws each training image once, whatever the per-class AP.",
+    "classic": "Sampler classic: before each epoch every image weighs the sum over its labels of "
+               "class_weight × (1 − AP)².",
+    "rfs": "Sampler rfs (repeat factor sampling): an image repeats by the largest max(1, √(t / f)) of its classes, "
+           "f the fraction of images holding the class.",
+    "adaptive": "Sampler adaptive: an image repeats by the largest max(1, √(t / f) × deficit^p) of its classes, "
+                "deficit the class's (1 − AP) over the mean (1 − AP), so the classes the model gets wrong now "
+                "repeat most.",
+}
+
+
 def _weighting(p: PageInput) -> str:
     s, recs = p.summary, p.run.weighting
     out = ["<h2>3. How the image weighting moved</h2>"]
@@ -367,9 +380,10 @@ def _weighting(p: PageInput) -> str:
                "not recorded." if said else "Image weighting was off for this run (no image_weights.jsonl in the run "
                "folder): every epoch drew each training image once, whatever the per-class AP.")
         return out[0] + f'<p class="note">{why}</p>'
-    out.append('<p class="note">Before each epoch every image weighs the sum over its labels of '
-               "class_weight × (1 − AP)²; a class drawn above its label share is being favoured. Weight is the "
-               "normalised class weight (mean over the epochs), Drawn the share of the epochs' drawn labels.</p>")
+    how = SAMPLER_NOTES.get(s.sampler, f"Sampler {esc(s.sampler)}.")
+    out.append(f'<p class="note">{how} A class drawn above its label share is being favoured. Weight is the '
+               "normalised class factor of the sampler (mean over the epochs), Drawn the share of the epochs' drawn "
+               "labels.</p>")
     labels = np.asarray(recs[-1]["class_labels"], np.float64)
     label_share = labels / max(labels.sum(), 1)
     groups = [(g, a, b) for g, a, b in _groups(p) if any(a <= int(r["epoch"]) <= b for r in recs)]

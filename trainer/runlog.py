@@ -92,7 +92,7 @@ class RunLogger:
             log.info("epoch %d: P %.3f R %.3f mAP@.5 %.3f mAP@.5:.95 %.3f", epoch, row["precision"], row["recall"],
                      row["map50"], row["map"])
         else:
-            log.info("epoch %d: total loss %.4f (not validated: --noval)", epoch, row.get("total", float("nan")))
+            log.info("epoch %d: total loss %.4f (not validated this epoch; see --val-every)", epoch, row.get("total", float("nan")))
 
     def image_weights(self, record: dict[str, Any]) -> None:
         """One JSON line per epoch: class weights used and how often each class was drawn."""

@@ -43,7 +43,7 @@ log = logging.getLogger("trainer")
 
 # Options a resumed run may change; anything else must match the checkpoint.
 RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout",
-                  "class_weights"}
+                  "class_weights", "val_every"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--linear-lr", action="store_const", const=True, help="linear LR decay instead of cosine")
     a("--patience", type=int, help="early-stop after this many epochs without improvement (default 100; 0 = off)")
     a("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision (default auto: fp16 + GradScaler on CUDA, fp32 on CPU; bf16 is opt-in on CPU)")
-    a("--noval", action="store_const", const=True, help="validate only after the final epoch")
+    a("--noval", action="store_const", const=True, help="validate only after the final epoch (--val-every 0)")
+    a("--val-every", type=int, metavar="N",
+      help="validate every N epochs (and after the last), refreshing the maps that drive the sampler (default 1)")
+    a("--sampler", choices=["uniform", "classic", "rfs", "adaptive"],
+      help="per-epoch image sampling: uniform (default), classic (= --image-weights: class_weights * (1 - maps)^2 "
+      "summed over labels), rfs (LVIS repeat factors), adaptive (repeat factors scaled by each class's AP deficit); "
+      "see trainer/data/samplers.py")
+    a("--rfs-t", type=float, help="repeat threshold t of rfs and adaptive: classes in fewer than a fraction t of "
+      "the images repeat by sqrt(t / f) (default 0.1)")
+    a("--sampler-power", type=float, help="adaptive: exponent on the AP deficit (default 1)")
+    a("--cls-feedback", type=float, metavar="POWER",
+      help="weight each class's classification loss by its AP deficit ** POWER (from maps; default 0 = off)")
     a("--maps", help="maps.json from an earlier evaluation: seeds the first epoch's image weights")
     a("--class-weights", help="class_weights.json ({'class_weights': [...]}); default: inverse label frequency")
     a("--deterministic", action="store_const", const=True, help="deterministic algorithms (slower)")

@@ -1,17 +1,21 @@
 """Validation pass: model -> NMS -> boxes on the original images -> COCO-exact metrics.
 
-Used after every training epoch and by `python -m trainer.evaluate`. Predictions and labels are
+Used after training epochs and by `python -m trainer.evaluate`. Under DDP the pass is sharded:
+each rank runs whole batches of the same batching one process would use, and rank 0 merges the
+detections in dataset order, so the COCO figures equal a single-process pass. Predictions and labels are
 mapped back to original image pixels first, so COCO's small/medium/large areas mean what they do
 for any other COCO tool reading the same images.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Sampler
 
+from trainer import distributed
 from trainer.amp import Precision
 from trainer.ema import unwrap
 from trainer.loss import YoloLoss
@@ -42,18 +46,15 @@ def originals(dets: torch.Tensor, labels: torch.Tensor, input_hw: tuple[int, int
 
 
 @torch.no_grad()
-def run_validation(model: torch.nn.Module, loader: Iterable, device: torch.device, names: Sequence[str],
-                   precision: Precision, loss_fn: YoloLoss | None = None, conf_thres: float = 0.001,
-                   iou_thres: float = 0.6, max_det: int = 300, on_batch: BatchHook | None = None,
-                   on_image: ImageHook | None = None, metrics: DetectionMetrics | None = None) -> dict[str, Any]:
-    """Evaluate `model` over `loader`; returns DetectionMetrics.compute() plus mean val losses.
-
-    Pass `metrics` to keep the accumulated state (e.g. to merge shards across ranks yourself).
-    """
+def accumulate(model: torch.nn.Module, loader: Iterable, device: torch.device, metrics: DetectionMetrics,
+               precision: Precision, loss_fn: YoloLoss | None = None, conf_thres: float = 0.001,
+               iou_thres: float = 0.6, max_det: int = 300, on_batch: BatchHook | None = None,
+               on_image: ImageHook | None = None) -> tuple[torch.Tensor, int]:
+    """Run `model` over `loader`, adding every image to `metrics` in loader order; returns the
+    summed val losses (3,) [box, obj, cls] and the number of batches."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    metrics = metrics if metrics is not None else DetectionMetrics(len(names), names)
     losses = torch.zeros(3)
     n_batches = 0
     for bi, (imgs, targets, paths, shapes) in enumerate(loader):
@@ -74,7 +75,71 @@ def run_validation(model: torch.nn.Module, loader: Iterable, device: torch.devic
             on_batch(bi, imgs, targets, dets, paths, shapes)
         n_batches += 1
     net.train(was_training)
-    result = metrics.compute()
-    mean_losses = (losses / max(n_batches, 1)).tolist()
-    result.update(val_box=mean_losses[0], val_obj=mean_losses[1], val_cls=mean_losses[2])
+    return losses, n_batches
+
+
+def with_mean_losses(result: dict[str, Any], losses: torch.Tensor, n_batches: int) -> dict[str, Any]:
+    mean = (losses / max(n_batches, 1)).tolist()
+    result.update(val_box=mean[0], val_obj=mean[1], val_cls=mean[2])
     return result
+
+
+def run_validation(model: torch.nn.Module, loader: Iterable, device: torch.device, names: Sequence[str],
+                   precision: Precision, loss_fn: YoloLoss | None = None, conf_thres: float = 0.001,
+                   iou_thres: float = 0.6, max_det: int = 300, on_batch: BatchHook | None = None,
+                   on_image: ImageHook | None = None, metrics: DetectionMetrics | None = None) -> dict[str, Any]:
+    """Evaluate `model` over `loader` in this process; returns DetectionMetrics.compute() plus mean
+    val losses. Pass `metrics` to keep the accumulated state."""
+    metrics = metrics if metrics is not None else DetectionMetrics(len(names), names)
+    losses, n_batches = accumulate(model, loader, device, metrics, precision, loss_fn, conf_thres, iou_thres,
+                                   max_det, on_batch, on_image)
+    return with_mean_losses(metrics.compute(), losses, n_batches)
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Rank r of w takes batches r, r + w, r + 2w, ... of the sequential batching of n images, so
+    every image sees exactly the batch (and rect shape) it would in one process."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad shard: batch {batch_size}, rank {rank} of {world_size}")
+        starts = range(0, n, batch_size)
+        self.batches = [list(range(s, min(s + batch_size, n))) for s in starts][rank::world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def positions(self) -> list[int]:
+        """Dataset positions of this shard's images, in the order the loader yields them."""
+        return [i for b in self.batches for i in b]
+
+
+def run_sharded_validation(model: torch.nn.Module, loader: DataLoader, device: torch.device, names: Sequence[str],
+                           precision: Precision, loss_fn: YoloLoss | None = None,
+                           is_main: bool = True) -> dict[str, Any]:
+    """Validation split over the ranks: each runs its `ShardedBatches` of `loader`, rank 0 gathers
+    every image's detections, puts them back in dataset order and computes COCO-exact metrics, so
+    the figures equal a single-process pass. Every rank returns rank 0's result."""
+    shard = loader.batch_sampler
+    if not isinstance(shard, ShardedBatches):
+        raise TypeError("run_sharded_validation needs a loader whose batch_sampler is ShardedBatches")
+    mine = DetectionMetrics(len(names), names)
+    losses, n_batches = accumulate(model, loader, device, mine, precision, loss_fn)
+    part = (shard.positions(), mine.state(), losses, n_batches)
+    parts = distributed.gather_objects(part)
+    result: dict[str, Any] = {}
+    if is_main:
+        order, preds, gts = [], [], []
+        for positions, state, _, _ in parts:
+            order += positions
+            preds += state["preds"]
+            gts += state["gts"]
+        merged = DetectionMetrics(len(names), names)
+        ranked = np.argsort(np.asarray(order, np.int64), kind="stable")
+        merged.merge([{"nc": len(names), "preds": [preds[k] for k in ranked], "gts": [gts[k] for k in ranked]}])
+        total = sum((p[2] for p in parts), torch.zeros(3))
+        result = with_mean_losses(merged.compute(), total, sum(p[3] for p in parts))
+    return distributed.broadcast_object(result)

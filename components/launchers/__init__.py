@@ -28,7 +28,11 @@ class TrainRequest:
     imgsz: int = 640
     batch_size: int = 16           # total over all ranks
     world_size: int = 1            # processes (local) or nodes x processes (pytorchjob)
-    image_weights: bool = True
+    image_weights: bool = True     # --image-weights (the classic sampler) when `sampler` is ""
+    sampler: str = ""              # uniform, classic, rfs or adaptive (see trainer/data/samplers.py)
+    rfs_t: float = 0.1
+    cls_feedback: float = 0.0      # class loss weighted by the AP deficit ** this; 0 = off
+    val_every: int = 0             # validations inside the block refresh maps; 0 = only the schedule's last
     hyp_overrides: tuple[str, ...] = ()   # KEY=VALUE
     seed: int = 0
     class_weights: str = ""        # class_weights.json
@@ -67,9 +71,14 @@ class TrainRequest:
         args = ["--data", self.data_yaml, "--cfg", self.cfg, "--imgsz", str(self.imgsz),
                 "--batch-size", str(self.batch_size), "--epochs", str(self.blocks * self.epochs_per_block),
                 "--seed", str(self.seed), "--project", parent or ".", "--name", name, "--exist-ok",
-                "--noval", "--patience", "0", *common]
+                "--patience", "0", *common]
+        args += ["--val-every", str(self.val_every)] if self.val_every > 0 else ["--noval"]
         args += ["--weights", self.weights] if self.weights else []
-        args += ["--image-weights"] if self.image_weights else []
+        if self.sampler:
+            args += ["--sampler", self.sampler, "--rfs-t", f"{self.rfs_t:g}"]
+        elif self.image_weights:
+            args += ["--image-weights"]
+        args += ["--cls-feedback", f"{self.cls_feedback:g}"] if self.cls_feedback else []
         for item in self.hyp_overrides:
             args += ["--hyp-override", item]
         return [*args, *self.extra]
