@@ -4,13 +4,16 @@ Runbook::
 
     python -m trainer.data.synthetic --out data/shapes --images 1000 --seed 0
     python -m trainer.data.synthetic --out /tmp/shapes --images 60 --seed 1 --imgsz 128 --val-fraction 0.25
+    python -m trainer.data.synthetic --out /tmp/lt1500 --images 1500 --seed 0 --imgsz 128 --long-tail
 
 writes ``images/{train,val}/syn_000123.jpg``, ``labels/{train,val}/syn_000123.txt`` (YOLO lines
-``cls cx cy w h``), ``data.yaml`` and ``manifest.json``. Same (images, seed, imgsz, val fraction)
-gives byte-identical files with the same OpenCV build: image k comes from the child seed
+``cls cx cy w h``), ``data.yaml`` and ``manifest.json``. Same (images, seed, imgsz, val fraction,
+long tail) gives byte-identical files with the same OpenCV build: image k comes from the child seed
 ``SeedSequence(seed).spawn(N)[k]`` (spawn key ``(k,)``), so it does not depend on N.
 
-What the images hold, and why, is described in trainer/data/shapes.py.
+What the images hold, and why, is described in trainer/data/shapes.py; ``--long-tail`` switches to
+ten classes with label shares spanning ~60x (trainer/data/longtail.py), and its manifest adds the
+planned ``label_shares`` and the ``groups`` (rare / common / frequent) of every class.
 """
 
 from __future__ import annotations
@@ -20,19 +23,47 @@ import json
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
-from trainer.data.shapes import (CLASS_NAMES, CONFUSABLE_WITH, MIN_VAL_RARE, RARE_CLASS, DatasetPlan, plan_dataset,
-                                 render_image)
+from trainer.data import longtail, shapes
+from trainer.data.shapes import DatasetPlan, render_image
 
 GENERATOR = "kfyolo.synthetic"
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 90
 SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """What tells the default and the long-tail dataset apart, as far as the written files go."""
+
+    names: tuple[str, ...]
+    rare_class: int
+    confusable_pairs: tuple[tuple[int, int], ...]  # (rare, common) class ids
+    val_rule: str  # how the val split is stratified, for manifest.json
+    long_tail: bool
+
+
+DEFAULT_KIND = DatasetKind(
+    shapes.CLASS_NAMES, shapes.RARE_CLASS, ((shapes.RARE_CLASS, shapes.CONFUSABLE_WITH),),
+    f"val gets rare-class images until it holds min(max(ceil(val_fraction * rare), {shapes.MIN_VAL_RARE}), "
+    f"rare // 2) {shapes.CLASS_NAMES[shapes.RARE_CLASS]} instances",
+    long_tail=False,
+)
+LONGTAIL_KIND = DatasetKind(
+    longtail.LONGTAIL_NAMES, longtail.RARE_CLASS, longtail.CONFUSABLE_PAIRS,
+    f"for each class but the most common, rarest first, val gets images holding it until it holds "
+    f"min(max(ceil(val_fraction * n), {longtail.MIN_VAL}), n // 2) of its n instances, skipping images that "
+    f"would leave train fewer than {longtail.MIN_TRAIN}; images holding only the most common class, and "
+    "backgrounds, fill the rest of val",
+    long_tail=True,
+)
 
 
 class SyntheticOutputError(FileExistsError):
@@ -77,23 +108,33 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _split_summary(labels: list[np.ndarray]) -> dict:
-    counts = np.zeros(len(CLASS_NAMES), np.int64)
+def _split_summary(labels: list[np.ndarray], kind: DatasetKind) -> dict:
+    counts = np.zeros(len(kind.names), np.int64)
     for lab in labels:
-        counts += np.bincount(lab[:, 0].astype(np.int64), minlength=len(CLASS_NAMES))
+        counts += np.bincount(lab[:, 0].astype(np.int64), minlength=len(kind.names))
     return {
         "images": len(labels),
         "backgrounds": sum(len(lab) == 0 for lab in labels),
         "labels": int(counts.sum()),
-        "class_counts": dict(zip(CLASS_NAMES, counts.tolist())),
-        "images_without_rare_class": sum(not (lab[:, 0] == RARE_CLASS).any() for lab in labels),
+        "class_counts": dict(zip(kind.names, counts.tolist())),
+        "images_without_rare_class": sum(not (lab[:, 0] == kind.rare_class).any() for lab in labels),
     }
 
 
-def _manifest(plan: DatasetPlan, labels: list[np.ndarray], seed: int, imgsz: int, val_fraction: float) -> dict:
-    splits = {s: _split_summary([lab for lab, sp in zip(labels, plan.splits) if sp == s]) for s in SPLITS}
+def _manifest(plan: DatasetPlan, labels: list[np.ndarray], kind: DatasetKind, seed: int, imgsz: int,
+              val_fraction: float) -> dict:
+    names = kind.names
+    splits = {s: _split_summary([lab for lab, sp in zip(labels, plan.splits) if sp == s], kind) for s in SPLITS}
     total = sum(np.array(list(splits[s]["class_counts"].values())) for s in SPLITS)
     planned = sum(len(p.objects) for p in plan.images)
+    frequencies = {n: round(float(c) / max(int(total.sum()), 1), 6) for n, c in zip(names, total)}
+    # The default manifest gains no keys, so its bytes stay what they were.
+    long_tail = {"long_tail": True} if kind.long_tail else {}
+    groups = {}
+    if kind.long_tail:
+        train_groups = longtail.class_groups(list(splits["train"]["class_counts"].values()))
+        groups = {"label_shares": dict(zip(names, longtail.LONGTAIL_SHARES)),
+                  "groups": dict(zip(names, train_groups)), "groups_rule": longtail.GROUPS_RULE}
     return {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
@@ -102,40 +143,45 @@ def _manifest(plan: DatasetPlan, labels: list[np.ndarray], seed: int, imgsz: int
         "images": len(plan.images),
         "imgsz": imgsz,
         "val_fraction": val_fraction,
+        **long_tail,
         "jpeg_quality": JPEG_QUALITY,
-        "names": list(CLASS_NAMES),
-        "rare_class": CLASS_NAMES[RARE_CLASS],
-        "confusable_with": CLASS_NAMES[CONFUSABLE_WITH],
-        "confusable_pairs": [[CLASS_NAMES[RARE_CLASS], CLASS_NAMES[CONFUSABLE_WITH]]],
-        "class_frequencies": {n: round(float(c) / max(int(total.sum()), 1), 6) for n, c in zip(CLASS_NAMES, total)},
+        "names": list(names),
+        "rare_class": names[kind.rare_class],
+        "confusable_with": names[kind.confusable_pairs[0][1]],
+        "confusable_pairs": [[names[a], names[b]] for a, b in kind.confusable_pairs],
+        "class_frequencies": frequencies,
+        **groups,
         "splits": splits,
         "dropped_empty_objects": planned - int(total.sum()),
-        "val_rare_rule": f"val gets rare-class images until it holds min(max(ceil(val_fraction * rare), "
-        f"{MIN_VAL_RARE}), rare // 2) {CLASS_NAMES[RARE_CLASS]} instances",
+        "val_rare_rule": kind.val_rule,
     }
 
 
-def _data_yaml_text(images: int, seed: int, imgsz: int, val_fraction: float) -> str:
+def _data_yaml_text(kind: DatasetKind, images: int, seed: int, imgsz: int, val_fraction: float) -> str:
+    names, (rare, common) = kind.names, kind.confusable_pairs[0]
     header = (
         f"# Synthetic shapes dataset written by trainer.data.synthetic ({GENERATOR} v{GENERATOR_VERSION}).\n"
         f"# Regenerate: python -m trainer.data.synthetic --out <this folder> --images {images} --seed {seed} "
-        f"--imgsz {imgsz} --val-fraction {val_fraction!r}\n"
-        f"# Rare class {CLASS_NAMES[RARE_CLASS]} is confusable with {CLASS_NAMES[CONFUSABLE_WITH]}; "
+        f"--imgsz {imgsz} --val-fraction {val_fraction!r}{' --long-tail' if kind.long_tail else ''}\n"
+        f"# Rare class {names[rare]} is confusable with {names[common]}; "
         "class counts are in manifest.json.\n"
     )
-    body = {"path": ".", "train": "images/train", "val": "images/val", "nc": len(CLASS_NAMES),
-            "names": dict(enumerate(CLASS_NAMES))}
+    body = {"path": ".", "train": "images/train", "val": "images/val", "nc": len(names),
+            "names": dict(enumerate(names))}
     return header + yaml.safe_dump(body, sort_keys=False)
 
 
-def generate(out: Path, images: int, seed: int, imgsz: int = 256, val_fraction: float = 0.25) -> Path:
+def generate(out: Path, images: int, seed: int, imgsz: int = 256, val_fraction: float = 0.25,
+             long_tail: bool = False) -> Path:
     """Write the synthetic dataset into `out` and return its data YAML path.
 
+    `long_tail` writes the ten-class long-tail kind (trainer/data/longtail.py) instead of the default.
     Raises ValueError for bad arguments and SyntheticOutputError when `out` is a non-empty folder
     that the generator did not write.
     """
     out = Path(out)
-    plan = plan_dataset(images, seed, imgsz, val_fraction)
+    kind = LONGTAIL_KIND if long_tail else DEFAULT_KIND
+    plan = (longtail.plan_dataset if long_tail else shapes.plan_dataset)(images, seed, imgsz, val_fraction)
     _prepare_out(out)
     # Marks the folder as ours from the start, so an interrupted run can be overwritten.
     _write_json(out / "manifest.json", {"generator": GENERATOR, "version": GENERATOR_VERSION, "complete": False})
@@ -148,8 +194,8 @@ def generate(out: Path, images: int, seed: int, imgsz: int = 256, val_fraction: 
         (out / "labels" / split / f"{p.name}.txt").write_text(format_labels(labels), encoding="utf-8")
         all_labels.append(labels)
     yaml_path = out / "data.yaml"
-    yaml_path.write_text(_data_yaml_text(images, seed, imgsz, val_fraction), encoding="utf-8")
-    _write_json(out / "manifest.json", _manifest(plan, all_labels, seed, imgsz, val_fraction))
+    yaml_path.write_text(_data_yaml_text(kind, images, seed, imgsz, val_fraction), encoding="utf-8")
+    _write_json(out / "manifest.json", _manifest(plan, all_labels, kind, seed, imgsz, val_fraction))
     return yaml_path
 
 
@@ -183,6 +229,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True, help="random seed; same seed, same bytes")
     p.add_argument("--imgsz", type=_int_at_least(32), default=256, help="long image side in pixels (>= 32)")
     p.add_argument("--val-fraction", type=_open_fraction, default=0.25, help="share of images in val, in (0, 1)")
+    p.add_argument("--long-tail", action="store_true",
+                   help="ten classes with label shares spanning ~60x (see trainer/data/longtail.py)")
     return p
 
 
@@ -190,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the process exit code."""
     args = _build_parser().parse_args(argv)
     try:
-        yaml_path = generate(args.out, args.images, args.seed, args.imgsz, args.val_fraction)
+        yaml_path = generate(args.out, args.images, args.seed, args.imgsz, args.val_fraction, args.long_tail)
     except SyntheticOutputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
