@@ -54,6 +54,12 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+# From scratch on 2 CPU cores: AdamW and a nominal batch of 16 give 4x the optimizer steps of YOLOv5's
+# 64 for the same images; at 15 epochs that lifts mAP@.5 from 0.20 (AdamW, nbs 64) or 0.16 (SGD) to
+# 0.38 on the long-tail set, which is what lets the per-class APs separate at all.
+SCRATCH = ("--optimizer", "AdamW", "--hyp-override", "lr0=0.002", "--nbs", "16")
+
+
 @dataclass(frozen=True)
 class StudySet:
     name: str
@@ -94,7 +100,7 @@ def study_sets(args: argparse.Namespace) -> list[StudySet]:
     sets = []
     if "longtail" in args.sets:
         sets.append(StudySet("longtail", longtail_data(600 if quick else args.longtail_images, args.out), 128,
-                             6 if quick else args.longtail_epochs, 32, 2 if quick else 5, args.rfs_t))
+                             5 if quick else args.longtail_epochs, 16, 2 if quick else 3, args.rfs_t, SCRATCH))
     if "coco128" in args.sets:
         if not (SHARED / "weights" / "yolov5n.pt").is_file():
             print(f"skipping coco128: {SHARED} is absent", flush=True)
@@ -107,14 +113,7 @@ def study_sets(args: argparse.Namespace) -> list[StudySet]:
 
 def class_groups(data_yaml: str) -> tuple[list[str], list[str], np.ndarray]:
     """(names, group of each class, train label share) by the rule in the module docstring."""
-    from trainer.data.config import load_data_config
-    from trainer.data.labels import scan_split
-
-    cfg = load_data_config(data_yaml)
-    entries, _ = scan_split(cfg.split("train"), cfg.nc, cfg.names, split="train")
-    counts = np.zeros(cfg.nc)
-    for e in entries:
-        counts += np.bincount(e.labels[:, 0].astype(int), minlength=cfg.nc)
+    cfg, counts = split_counts(data_yaml, "train")
     share = counts / max(counts.sum(), 1)
     k = max(int((counts > 0).sum()), 1)
     groups = ["none" if c == 0 else "rare" if s < 0.25 / k else "frequent" if s >= 1 / k else "common"
@@ -179,16 +178,21 @@ def summarise(results: list[dict], s: StudySet, val_has: np.ndarray) -> dict:
     return out
 
 
-def val_classes(data_yaml: str) -> np.ndarray:
-    from trainer.data.config import load_data_config
+def split_counts(data_yaml: str, split: str):
+    """(data config, (nc,) label counts of `split`)."""
+    from trainer.data.config import load_data_config, resolve_split
     from trainer.data.labels import scan_split
 
     cfg = load_data_config(data_yaml)
-    entries, _ = scan_split(cfg.split("val"), cfg.nc, cfg.names, split="val")
+    entries, _ = scan_split(resolve_split(cfg.split(split)), cfg.nc, cfg.names, split=split)
     counts = np.zeros(cfg.nc)
     for e in entries:
         counts += np.bincount(e.labels[:, 0].astype(int), minlength=cfg.nc)
-    return counts > 0
+    return cfg, counts
+
+
+def val_classes(data_yaml: str) -> np.ndarray:
+    return split_counts(data_yaml, "val")[1] > 0
 
 
 def markdown(summary: dict[str, dict], sets: list[StudySet], args: argparse.Namespace) -> str:
@@ -247,7 +251,7 @@ def main() -> int:
                    help="training seeds (default: held out; 0-2 were used to choose t and the variants)")
     p.add_argument("--quick", action="store_true", help="one seed, short runs: a smoke test under 15 minutes")
     p.add_argument("--longtail-images", type=int, default=1500)
-    p.add_argument("--longtail-epochs", type=int, default=30)
+    p.add_argument("--longtail-epochs", type=int, default=15)
     p.add_argument("--coco-epochs", type=int, default=10)
     p.add_argument("--rfs-t", type=float, default=0.1, help="repeat threshold of rfs and adaptive")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun when > 1)")

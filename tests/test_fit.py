@@ -115,3 +115,16 @@ def test_class_weights_file_overrides_the_label_frequencies(tmp_path):
     p.write_text(json.dumps({"class_weights": [0, 0]}))
     with pytest.raises(ConfigError, match="all weights are zero"):
         run_class_weights(str(p), labels, 2)
+
+
+def test_nominal_batch_sets_accumulation_and_weight_decay(tmp_path, synthetic_yaml):
+    """--nbs 16 with batch 4: 4 batches per optimizer step (not 16), weight decay scaled to 16 images."""
+    run = setup(_opt(synthetic_yaml, tmp_path, nbs=16), distributed.DistContext(), torch.device("cpu"))
+    try:
+        assert run.state.accumulate == 4
+        decays = sorted({g["weight_decay"] for g in run.optimizer.param_groups})
+        assert decays == [0.0, pytest.approx(0.0005)]  # 4 * 4 / 16 = 1x the hyp value; BN and biases none
+    finally:
+        run.logger.close()
+    with pytest.raises(ConfigError, match="--nbs"):
+        _opt(synthetic_yaml, tmp_path, nbs=0)

@@ -155,6 +155,7 @@ class TrainOptions:
     hyp_overrides: tuple[tuple[str, Any], ...] = ()
     epochs: int = 100
     batch_size: int = 16          # total over all ranks
+    nbs: int = 64                 # nominal batch: gradients accumulate until ~nbs images make one step
     imgsz: int = 640
     image_weights: bool = False
     multi_scale: bool = False
@@ -187,6 +188,7 @@ class TrainOptions:
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.nbs >= 1, f"--nbs must be >= 1, got {self.nbs}"),
             (self.imgsz >= 32, f"--imgsz must be >= 32, got {self.imgsz}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),

@@ -37,6 +37,7 @@ class EpochPlan:
     batches: int            # nb: batches per epoch on this rank
     warmup_iters: int       # nw
     total_batch_size: int   # over all ranks
+    nbs: int                # nominal batch: images per optimizer step once warm-up is over
     imgsz: int
     stride: int
     multi_scale: bool
@@ -72,7 +73,7 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
         imgs = imgs.to(device, non_blocking=True).float() / 255  # (B, 3, H, W) in [0, 1]
         if ni <= plan.warmup_iters:
             w = warmup_step(ni, plan.warmup_iters, epoch_lrs, BIAS_GROUP, plan.warmup_bias_lr,
-                            plan.warmup_momentum, plan.momentum, plan.total_batch_size)
+                            plan.warmup_momentum, plan.momentum, plan.total_batch_size, plan.nbs)
             counter.accumulate = w.accumulate
             for g, lr in zip(optimizer.param_groups, w.lrs):
                 g["lr"] = lr

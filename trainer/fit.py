@@ -250,7 +250,7 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
         (run_dir / "dataset_report.json").write_text(json.dumps(reports, indent=1))
     precision = resolve_precision(opt.amp, device)
     optimizer = build_optimizer(model, opt.optimizer, hyp.lr0, hyp.momentum,
-                                scaled_weight_decay(hyp.weight_decay, opt.batch_size))
+                                scaled_weight_decay(hyp.weight_decay, opt.batch_size, opt.nbs))
     for g in optimizer.param_groups:
         g["initial_lr"] = hyp.lr0
     if opt.sync_bn and ctx.distributed:
@@ -258,7 +258,7 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
     ema = ModelEMA(model) if ctx.is_main else None
     val_model = copy.deepcopy(unwrap(model)).eval() if ctx.distributed and not ctx.is_main else None
     scaler = precision.grad_scaler()
-    state = TrainState(maps=np.zeros(len(names)), accumulate=nominal_accumulate(opt.batch_size))
+    state = TrainState(maps=np.zeros(len(names)), accumulate=nominal_accumulate(opt.batch_size, opt.nbs))
     if resume is not None:
         state = restore_state(resume, model, ema, optimizer, scaler)
     state.maps = initial_maps(opt.maps, names, state.maps)
@@ -331,7 +331,7 @@ def epoch_plan(run: Run, epoch: int) -> EpochPlan:
     nb = len(run.train_loader)
     return EpochPlan(
         epoch=epoch, epochs=opt.epochs, batches=nb, warmup_iters=warmup_iterations(hyp.warmup_epochs, nb),
-        total_batch_size=opt.batch_size, imgsz=opt.imgsz, stride=max(int(unwrap(run.model).stride.max()), 32),
+        total_batch_size=opt.batch_size, nbs=opt.nbs, imgsz=opt.imgsz, stride=max(int(unwrap(run.model).stride.max()), 32),
         multi_scale=opt.multi_scale, world_size=run.ctx.world_size, warmup_bias_lr=hyp.warmup_bias_lr,
         warmup_momentum=hyp.warmup_momentum, momentum=hyp.momentum,
         lr_factor=lr_factor(opt.epochs, hyp.lrf, opt.linear_lr)(epoch))

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", type=int, help="length of the whole schedule (default 100)")
     a("--stop-epoch", type=int, help="stop after this epoch of the schedule (train a block of it)")
     a("--batch-size", type=int, help="total batch size over all ranks (default 16)")
+    a("--nbs", type=int, help="nominal batch size: gradients accumulate until about this many images make one "
+      "optimizer step, and weight decay scales with it (default 64, as YOLOv5; a smaller one gives more steps "
+      "for the same images, which pays on small datasets and CPU budgets)")
     a("--imgsz", "--img-size", "--img", dest="imgsz", type=int, help="train/val image size in pixels (default 640)")
     a("--image-weights", action="store_const", const=True, help="sample images by class_weights * (1 - maps)^2")
     a("--multi-scale", action="store_const", const=True, help="random image size in [0.5, 1.5] x imgsz per batch")
