@@ -9,18 +9,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.checkpoint import load_checkpoint
 from trainer.train import main
 
 FLAGS = ["--cfg", "yolov5n", "--imgsz", "64", "--batch-size", "4", "--device", "cpu", "--epochs", "4",
-         "--image-weights", "--multi-scale", "--seed", "5", "--deterministic"]
+         "--multi-scale", "--seed", "5", "--deterministic"]
+# the seed's image weights, and the evaluation-driven sampler with the class loss weights (every
+# epoch validates, so maps, the draw and the loss weights all move and must all resume)
+SAMPLERS = {"classic": ["--image-weights"],
+            "adaptive+cls": ["--sampler", "adaptive", "--rfs-t", "0.5", "--cls-feedback", "1"]}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_block_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, synthetic_yaml):
-    data = ["--data", str(synthetic_yaml), "--project", str(tmp_path), "--workers", "1"]  # worker seeding too
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_block_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path, synthetic_yaml, sampler):
+    data = ["--data", str(synthetic_yaml), "--project", str(tmp_path), "--workers", "1",  # worker seeding too
+            *SAMPLERS[sampler]]
     assert main([*data, *FLAGS, "--name", "whole"]) == 0
     assert main([*data, *FLAGS, "--name", "blocks", "--stop-epoch", "2"]) == 0
     first = load_checkpoint(tmp_path / "blocks" / "weights" / "last.pt")
@@ -61,9 +68,11 @@ def _torchrun(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def test_block_then_resume_under_ddp_matches_bitwise(tmp_path, synthetic_yaml):
-    """The same with 2 gloo ranks: sampler shards, broadcast draws and gradient all-reduce included."""
-    data = ["--data", str(synthetic_yaml), "--project", str(tmp_path), "--workers", "0"]
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_block_then_resume_under_ddp_matches_bitwise(tmp_path, synthetic_yaml, sampler):
+    """The same with 2 gloo ranks: sampler shards, broadcast draws, sharded validation and gradient
+    all-reduce included."""
+    data = ["--data", str(synthetic_yaml), "--project", str(tmp_path), "--workers", "0", *SAMPLERS[sampler]]
     _torchrun([*data, *FLAGS, "--name", "whole"])
     _torchrun([*data, *FLAGS, "--name", "blocks", "--stop-epoch", "2"])
     _torchrun(["--resume", str(tmp_path / "blocks" / "weights" / "last.pt"), "--workers", "0"])
