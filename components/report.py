@@ -5,10 +5,11 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Model, Output
 
 
 def report(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], epochs_per_block: int,
-           publish: str, html: Output[HTML], markdown: Output[Markdown]) -> None:
+           publish: str, html: Output[HTML], markdown: Output[Markdown], study: str = "") -> None:
     """mAP per block, AP per class per block, how the image weighting moved, loss curves and sample
     predictions, from the last block's run folder and every block's evaluation. With `publish` (a
-    folder or s3:// prefix) the report and the final run folder are also copied there."""
+    folder or s3:// prefix) the report and the final run folder are also copied there. With `study` (a
+    local study.json of bench/study_sampling.py) the uniform baseline stands beside the run."""
     import json
     import shutil
     from pathlib import Path
@@ -19,7 +20,8 @@ def report(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Data
     earlier = sorted((run_dir / "evaluations").glob("block*"), key=lambda p: int(p.name[5:]))
     dataset_report = json.loads((Path(dataset.path) / "report.json").read_text()).get("train")
     summary = build_report(run_dir, [*earlier, Path(evaluation.path)], Path(html.path),
-                           epochs_per_block=epochs_per_block, dataset_report=dataset_report)
+                           epochs_per_block=epochs_per_block, dataset_report=dataset_report,
+                           study=Path(study) if study else None)
     Path(markdown.path).write_text(build_markdown(summary))
     where = html.path
     if publish.startswith("s3://"):

@@ -8,7 +8,7 @@ def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: 
                 epochs_per_block: int, cfg: str, weights: str, imgsz: int, batch_size: int, workers: int,
                 image_weights: bool, hyp_overrides: str, seed: int, device: str, launcher: str,
                 model: Output[Model], sampler: str = "", rfs_t: float = 0.1, cls_feedback: float = 0.0,
-                val_every: int = 0, checkpoint: Input[Model] = None, evaluation: Input[Artifact] = None,
+                val_every: int = 0, optimizer: str = "SGD", nbs: int = 64, checkpoint: Input[Model] = None, evaluation: Input[Artifact] = None,
                 run_id: str = "", namespace: str = "", job_image: str = "", nproc_per_node: int = 1,
                 gpus_per_worker: int = 0, cpu: str = "4", memory: str = "16Gi", shm_size: str = "2Gi",
                 s3_prefix: str = "", s3_secret: str = "kfyolo-s3", s3_endpoint: str = "", keep_job: bool = False,
@@ -50,7 +50,7 @@ def train_block(dataset: Input[Dataset], class_weights: Input[Artifact], block: 
         run_dir=run_dir, data_yaml=str(Path(dataset.path) / "data.yaml"), block=block, blocks=blocks,
         epochs_per_block=epochs_per_block, cfg=cfg, weights=weights, imgsz=imgsz, batch_size=batch_size,
         world_size=world_size, image_weights=image_weights, sampler=sampler, rfs_t=rfs_t, cls_feedback=cls_feedback,
-        val_every=val_every, hyp_overrides=parse_hyp_overrides(hyp_overrides),
+        val_every=val_every, optimizer=optimizer, nbs=nbs, hyp_overrides=parse_hyp_overrides(hyp_overrides),
         seed=seed, class_weights=class_weights.path, device=device,
         maps=str(Path(evaluation.path) / "maps.json") if evaluation is not None else "")
     if job is None:

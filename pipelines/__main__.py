@@ -92,9 +92,9 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
                           keep_job=args.keep_job, timeout_s=args.job_timeout)
 
 
-def ensure_synthetic(images: int, seed: int, imgsz: int = 256) -> str:
-    """The embedded default dataset in data/synthetic, regenerated when the size or seed asked for
-    differs from what is there (the generator is deterministic, so this is cheap to keep right)."""
+def ensure_synthetic(images: int, seed: int, imgsz: int = 256, long_tail: bool = False) -> str:
+    """The embedded default dataset in data/synthetic, regenerated when the kind, size or seed asked
+    for differs from what is there (the generator is deterministic, so this is cheap to keep right)."""
     import json
 
     from trainer.data.synthetic import generate
@@ -102,18 +102,20 @@ def ensure_synthetic(images: int, seed: int, imgsz: int = 256) -> str:
     manifest = SYNTHETIC / "manifest.json"
     try:
         have = json.loads(manifest.read_text())
-        current = have.get("complete") and (have.get("images"), have.get("seed"), have.get("imgsz")) == (images, seed, imgsz)
+        current = have.get("complete") and (have.get("images"), have.get("seed"), have.get("imgsz"),
+                                            bool(have.get("long_tail"))) == (images, seed, imgsz, long_tail)
     except (OSError, ValueError):
         current = False
     if not current:
-        generate(SYNTHETIC, images=images, seed=seed, imgsz=imgsz)
+        generate(SYNTHETIC, images=images, seed=seed, imgsz=imgsz, long_tail=long_tail)
     return str(SYNTHETIC / "data.yaml")
 
 
 def run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
-    data = args.data or ensure_synthetic(args.synthetic_images, args.seed)
+    long_tail = args.synthetic == "longtail"
+    data = args.data or ensure_synthetic(args.synthetic_images, args.seed, 128 if long_tail else 256, long_tail)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(args.root).resolve() / stamp
     root.mkdir(parents=True, exist_ok=True)
@@ -122,8 +124,10 @@ def run_local(args: argparse.Namespace) -> int:
                   weights=str(Path(args.weights).resolve()) if args.weights else "", imgsz=args.imgsz,
                   batch_size=args.batch_size, epochs_per_block=args.epochs_per_block, workers=args.workers,
                   image_weights=not args.no_image_weights, sampler=args.sampler, rfs_t=args.rfs_t,
-                  cls_feedback=args.cls_feedback, val_every=args.val_every, hyp_overrides=args.hyp_overrides, seed=args.seed,
-                  device=args.device, publish=args.publish or str(root))
+                  cls_feedback=args.cls_feedback, val_every=args.val_every, optimizer=args.optimizer, nbs=args.nbs,
+                  hyp_overrides=args.hyp_overrides, seed=args.seed,
+                  device=args.device, publish=args.publish or str(root),
+                  study=str(Path(args.study).resolve()) if args.study else "")
     log_path = root / "kfp-local.log"
     print(f"kfp.local run of {args.blocks} blocks x {args.epochs_per_block} epochs, {args.workers} worker(s); "
           f"data {params['data']}\nfull log: {log_path}", flush=True)
@@ -190,13 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rfs-t", type=float, default=0.1, help="repeat threshold of rfs and adaptive")
     r.add_argument("--cls-feedback", type=float, default=0.0, help="class loss weighted by AP deficit ** this")
     r.add_argument("--val-every", type=int, default=5, help="validate every N epochs inside a block (0: never)")
+    r.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW"])
+    r.add_argument("--nbs", type=int, default=64, help="nominal batch: images per optimizer step")
     r.add_argument("--hyp-overrides", default="", help="comma-separated KEY=VALUE")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="")
-    r.add_argument("--synthetic-images", type=int, default=1000, help="size of the generated default dataset")
+    r.add_argument("--synthetic-images", type=int, default=1500, help="size of the generated default dataset")
+    r.add_argument("--synthetic", default="longtail", choices=["longtail", "shapes"],
+                   help="the generated default dataset: the 10-class long-tail shapes (128 px) or the 6-class shapes")
     r.add_argument("--root", default="runs/pipelines", help="local folder for outputs and the KFP log")
     r.add_argument("--publish", default="", help="also put the report and run folder here (folder or s3:// prefix); "
                    "default: the run's folder under --root")
+    r.add_argument("--study", default="", help="study.json of bench/study_sampling.py: the report shows its "
+                   "uniform baseline beside the run")
     r.add_argument("--verbose", action="store_true", help="show KFP's full log on the console")
     return p
 

@@ -83,8 +83,9 @@ def build_pipeline(blocks: int = 3, image: str = DEFAULT_IMAGE, launcher: str = 
     def kfyolo_feedback(data: str, cfg: str = "yolov5n", weights: str = "", imgsz: int = 256,
                         batch_size: int = 16, epochs_per_block: int = 5, workers: int = workers,
                         image_weights: bool = True, sampler: str = DEFAULT_SAMPLER, rfs_t: float = 0.1,
-                        cls_feedback: float = 0.0, val_every: int = 5, hyp_overrides: str = "", seed: int = 0,
-                        device: str = "", eval_batch_size: int = 32, publish: str = ""):
+                        cls_feedback: float = 0.0, val_every: int = 5, optimizer: str = "SGD", nbs: int = 64,
+                        hyp_overrides: str = "", seed: int = 0,
+                        device: str = "", eval_batch_size: int = 32, publish: str = "", study: str = ""):
         prepared = prepare_op(data=data).set_display_name("prepare dataset")
         if cluster:
             _use_s3(prepared, cluster)
@@ -97,6 +98,7 @@ def build_pipeline(blocks: int = 3, image: str = DEFAULT_IMAGE, launcher: str = 
                              epochs_per_block=epochs_per_block, cfg=cfg, weights=weights, imgsz=imgsz,
                              batch_size=batch_size, workers=workers, image_weights=image_weights,
                              sampler=sampler, rfs_t=rfs_t, cls_feedback=cls_feedback, val_every=val_every,
+                             optimizer=optimizer, nbs=nbs,
                              hyp_overrides=hyp_overrides, seed=seed, device=device, launcher=launcher,
                              **previous, **job_args).set_display_name(f"train block {k + 1}/{blocks}")
             model = train.outputs["model"]
@@ -108,7 +110,7 @@ def build_pipeline(blocks: int = 3, image: str = DEFAULT_IMAGE, launcher: str = 
                     ev.set_accelerator_type(GPU).set_accelerator_limit(1)
             evaluation = ev.outputs["evaluation"]
         published = report_op(model=model, evaluation=evaluation, dataset=dataset, epochs_per_block=epochs_per_block,
-                              publish=publish).set_display_name("report")
+                              publish=publish, study=study).set_display_name("report")
         if cluster:
             _use_s3(published, cluster)
 

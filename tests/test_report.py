@@ -410,3 +410,25 @@ def test_chromium_screenshot(real_report, tmp_path):
     assert img is not None and img.shape[:2] == (2000, 1280)
     assert img.std() > 10  # text, tables and charts, not a blank page
     assert (img.reshape(-1, 3) < 100).all(1).mean() > 0.002  # some dark ink (the text) was drawn
+
+
+def test_study_baseline_column(tmp_path):
+    """A study.json whose set has the run's class names puts its uniform per-class AP beside the run;
+    one from another dataset is ignored (with a warning), not shown as if it applied."""
+    run = make_run(tmp_path)
+    row = {"seeds": [10, 11, 12], "per_class_ap": [0.11, 0.22, 0.33, 0.44], "map": [0.25, 0.02],
+           "map50": [0.4, 0.03]}
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"summary": {"other": {"names": ["x", "y", "z", "w"], "variants": {"uniform": row}},
+                                             "mine": {"names": NAMES, "variants": {"uniform": row}}}}))
+    out, evaluation = tmp_path / "r.html", make_eval(tmp_path, 0)
+    build_report(run, [evaluation], out, study=study)
+    page = Page(out.read_text())
+    head, *rows = page.tables["classes"]
+    assert head[0][-1] == "Uniform baseline"
+    by_name = {cells[0].split()[0]: cells[-1] for cells, _ in rows}
+    assert by_name == {n: f"{ap:.3f}" for n, ap in zip(NAMES, row["per_class_ap"])}
+    assert "uniform in the study (mine, seeds 10, 11, 12)" in out.read_text()
+    study.write_text(json.dumps({"summary": {"other": {"names": ["x", "y", "z", "w"], "variants": {"uniform": row}}}}))
+    build_report(run, [evaluation], out, study=study)
+    assert "Uniform baseline" not in out.read_text()

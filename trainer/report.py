@@ -273,9 +273,26 @@ def summarise(title: str, run: RunFiles, evals: Sequence[Evaluation], names: tup
 
 # ------------------------------------------------------------------------------------ entry points
 
+def study_baseline(path: Path, names: Sequence[str], variant: str = "uniform") -> dict[str, Any] | None:
+    """The `variant` row of bench/study_sampling.py's study.json for the set whose class names are
+    `names`: {"label", "ap" (nc,), "map", "map50"}; None (with a warning) when no set matches."""
+    record = read_json(path)
+    for set_name, sm in (record.get("summary") or {}).items():
+        row = (sm.get("variants") or {}).get(variant)
+        if list(sm.get("names") or []) == list(names) and row:
+            seeds = ", ".join(str(x) for x in row.get("seeds", []))
+            return {"label": f"{variant} in the study ({set_name}, seeds {seeds})",
+                    "ap": np.asarray(row["per_class_ap"], np.float64), "map": row["map"], "map50": row["map50"]}
+    log.warning("%s: no study set has this run's %d class names; no baseline shown", path, len(names))
+    return None
+
+
 def build_report(run_dir: Path, evaluations: Sequence[Path], out_html: Path, title: str = "kfyolo run report",
-                 epochs_per_block: int | None = None, dataset_report: dict | None = None) -> ReportSummary:
-    """Write the self-contained HTML report for a run and its per-block evaluations; return the summary."""
+                 epochs_per_block: int | None = None, dataset_report: dict | None = None,
+                 study: Path | None = None) -> ReportSummary:
+    """Write the self-contained HTML report for a run and its per-block evaluations; return the summary.
+    With `study` (a study.json of bench/study_sampling.py) the uniform sampler's per-class AP from
+    the study stands beside the run's."""
     if epochs_per_block is not None and epochs_per_block < 1:
         raise ReportError(f"epochs_per_block must be >= 1, got {epochs_per_block}")
     run = load_run(Path(run_dir))
@@ -289,6 +306,7 @@ def build_report(run_dir: Path, evaluations: Sequence[Path], out_html: Path, tit
     html_text = page.render(page.PageInput(
         summary=summary, run=run, evals=tuple(evals), counts=counts, counts_source=counts_source,
         per_block=per_block, per_block_inferred=inferred, dataset=dataset,
+        baseline=study_baseline(Path(study), names) if study else None,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs-per-block", type=int, default=None)
     p.add_argument("--dataset-report", type=Path, default=None, help="prepare step's report JSON")
     p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown summary here")
+    p.add_argument("--study", type=Path, default=None,
+                   help="study.json of bench/study_sampling.py: show its uniform baseline beside the run")
     return p
 
 
@@ -350,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = read_json(args.dataset_report) if args.dataset_report else None
         if dataset is not None:
             _splits(dataset, str(args.dataset_report))  # name the file, not the argument, on bad structure
-        summary = build_report(args.run, args.evals, args.out, args.title, args.epochs_per_block, dataset)
+        summary = build_report(args.run, args.evals, args.out, args.title, args.epochs_per_block, dataset,
+                               args.study)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

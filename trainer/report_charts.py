@@ -206,6 +206,7 @@ class PageInput:
     per_block_inferred: bool
     dataset: dict[str, dict[str, Any]]
     generated: str
+    baseline: dict[str, Any] | None = None  # trainer.report.study_baseline: per-class AP of the uniform sampler
 
 
 def draw_share(records: Sequence[dict[str, Any]], first: int, last: int, nc: int) -> np.ndarray:
@@ -293,6 +294,10 @@ def _header(p: PageInput) -> str:
         glance.append(f"One block: mAP@.5 {fnum(s.map50[0])}, mAP@.5:.95 {fnum(s.map[0])}.")
     else:
         glance.append("No evaluations were given: this is a training-only report.")
+    if p.baseline:
+        b = p.baseline
+        glance.append(f"Sampler <b>{esc(s.sampler)}</b>; the uniform sampler reached mAP@.5:.95 {fnum(b['map'][0])} ± "
+                      f"{fnum(b['map'][1])} ({esc(b['label'])}).")
     if s.rare_class is not None:
         line = f"Rarest class <b>{esc(s.rare_class)}</b> ({fpct(s.label_share[s.rare_classes[0]])} of training labels)"
         if s.rare_ap:
@@ -335,6 +340,7 @@ def _classes(p: PageInput) -> str:
         return out[0] + '<p class="note">No class names found (no evaluation, weighting record or dataset report).</p>'
     head = ["Class", "Train labels", "Share", "Val labels"] + [f"AP block {k + 1}" for k in range(len(p.evals))]
     head += ["Change"] if len(p.evals) >= 2 else []
+    head += ["Uniform baseline"] if p.baseline else []
     rows, classes = [], []
     for c in _class_order(p):
         name = esc(s.names[c]) + (' <span class="badge">rarest</span>' if c in s.rare_classes else "")
@@ -345,6 +351,8 @@ def _classes(p: PageInput) -> str:
             d = s.class_ap[-1][c] - s.class_ap[0][c]
             row.append(f'<span class="{"up" if d > 0 else "down" if d < 0 else ""}">{d:+.3f}</span>'
                        if math.isfinite(d) else "–")
+        if p.baseline:
+            row.append(fnum(p.baseline["ap"][c]) if c < len(p.baseline["ap"]) else "–")
         rows.append(row)
         classes.append("rare" if c in s.rare_classes else "")
     out.append(table(head, rows, "classes", row_classes=classes))
@@ -352,7 +360,9 @@ def _classes(p: PageInput) -> str:
               else "Training label counts unknown. ")
     out.append(f'<p class="note">{source}Rows go from the rarest class to the most common. AP is COCO AP@.5:.95 '
                "on the validation split of each block's evaluation; – means the class has no validation labels. "
-               "Change is the last block's AP minus the first's.</p>")
+               "Change is the last block's AP minus the first's."
+               + (f" Uniform baseline: the mean AP of the {esc(p.baseline['label'])}, trained at equal compute."
+                  if p.baseline else "") + "</p>")
     if len(p.evals) >= 2:
         chart = class_ap_chart(s.names, np.asarray(s.class_ap, np.float64), s.rare_classes)
         out.append(figure(png_uri(chart), "AP@.5:.95 per class across blocks (rarest class in red)"))

@@ -27,6 +27,8 @@ class TrainRequest:
     weights: str = ""              # pretrained weights for block 0
     imgsz: int = 640
     batch_size: int = 16           # total over all ranks
+    optimizer: str = "SGD"
+    nbs: int = 64                  # nominal batch of an optimizer step
     world_size: int = 1            # processes (local) or nodes x processes (pytorchjob)
     image_weights: bool = True     # --image-weights (the classic sampler) when `sampler` is ""
     sampler: str = ""              # uniform, classic, rfs or adaptive (see trainer/data/samplers.py)
@@ -69,7 +71,7 @@ class TrainRequest:
             return ["--resume", f"{where.rstrip('/')}/weights/last.pt", *common, *self.extra]
         parent, _, name = where.rstrip("/").rpartition("/")
         args = ["--data", self.data_yaml, "--cfg", self.cfg, "--imgsz", str(self.imgsz),
-                "--batch-size", str(self.batch_size), "--epochs", str(self.blocks * self.epochs_per_block),
+                "--batch-size", str(self.batch_size), "--optimizer", self.optimizer, "--nbs", str(self.nbs), "--epochs", str(self.blocks * self.epochs_per_block),
                 "--seed", str(self.seed), "--project", parent or ".", "--name", name, "--exist-ok",
                 "--patience", "0", *common]
         args += ["--val-every", str(self.val_every)] if self.val_every > 0 else ["--noval"]
