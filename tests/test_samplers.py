@@ -70,18 +70,24 @@ def test_classic_is_the_seed_formula_drawn_with_random_choices():
     assert 8 not in got  # the background has weight 0 under classic, as in YOLOv5
 
 
-def test_adaptive_starts_as_rfs_and_follows_the_ap_deficit():
-    rfs, ada = _sampler("rfs", rfs_t=0.4), _sampler("adaptive", rfs_t=0.4, power=1.0)
+def test_adaptive_is_linear_repeat_factors_times_the_ap_deficit():
+    ada = _sampler("adaptive", rfs_t=0.4, power=1.0)
     zero = np.zeros(NC)
-    np.testing.assert_allclose(ada.image_weights(zero), rfs.image_weights(zero))  # no evaluation yet
+    # no evaluation yet: max(1, t / f_c) = max(1, [0.5, 4/3, 4]), the max over each image's classes
+    np.testing.assert_allclose(ada.class_factors(zero), [1, 4 / 3, 4])
+    np.testing.assert_allclose(ada.image_weights(zero), [1, 1, 4 / 3, 4 / 3, 4, 1, 4 / 3, 1, 1, 1])
     maps = np.array([0.7, 0.1, 0.7])  # class 1 is the one the model gets wrong; rare class 2 is learned
     deficit = (1 - maps) / (1 - maps).mean()
     np.testing.assert_allclose(ap_deficit(maps), deficit)
     factors = ada.class_factors(maps)
-    np.testing.assert_allclose(factors, np.maximum(1, rfs_class_factors(ada.stats, 0.4) * deficit))
-    assert factors[1] > rfs.class_factors(maps)[1]  # a struggling class gains
-    assert factors[2] < rfs.class_factors(maps)[2]  # a learned rare class gives some back
+    np.testing.assert_allclose(factors, np.maximum(1, 0.4 / np.array([0.8, 0.3, 0.1]) * deficit))
+    assert factors[1] > ada.class_factors(zero)[1]  # a struggling class gains
+    assert factors[2] < ada.class_factors(zero)[2]  # a learned rare class gives some back
     assert (factors >= 1).all()  # the floor: no image ever drops out
+    squared = _sampler("adaptive", rfs_t=0.4, power=2.0).class_factors(maps)
+    np.testing.assert_allclose(squared, np.maximum(1, 0.4 / np.array([0.8, 0.3, 0.1]) * deficit ** 2))
+    # the rare class is favoured more than RFS's square root would
+    assert ada.class_factors(zero)[2] > rfs_class_factors(ada.stats, 0.4)[2]
 
 
 def test_ap_deficit_is_clipped_and_neutral_for_equal_classes():
@@ -206,7 +212,7 @@ def test_sampler_options_are_checked():
     assert TrainOptions(**base).sampler_kind == "uniform"
     assert TrainOptions(**base, image_weights=True).sampler_kind == "classic"
     assert TrainOptions(**base, image_weights=True, sampler="classic").sampler_kind == "classic"
-    assert TrainOptions(**base, sampler="rfs").sampler_config() == SamplerConfig("rfs", 0.1, 1.0)
+    assert TrainOptions(**base, sampler="rfs").sampler_config() == SamplerConfig("rfs", 0.1, 2.0)
     with pytest.raises(ConfigError, match="--image-weights means --sampler classic"):
         TrainOptions(**base, image_weights=True, sampler="rfs")
     with pytest.raises(ConfigError, match="--rect"):

@@ -176,7 +176,7 @@ class TrainOptions:
     val_every: int = 1            # validate (and refresh maps) every N epochs and after the last; 0 = last only
     sampler: str = ""             # uniform, classic, rfs or adaptive; "" = classic with image_weights, else uniform
     rfs_t: float = 0.1            # repeat threshold t of rfs/adaptive (LVIS uses 0.001 for ~1,000 classes)
-    sampler_power: float = 1.0    # adaptive: exponent on each class's AP deficit
+    sampler_power: float = 2.0    # adaptive: exponent on each class's AP deficit
     cls_feedback: float = 0.0     # weight the class loss by the AP deficit ** this; 0 = off
     maps: str = ""                # maps.json from an earlier evaluation, seeds image weights
     class_weights: str = ""       # class_weights.json (from the pipeline's step); default: from the labels

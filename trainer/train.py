@@ -83,11 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="validate every N epochs (and after the last), refreshing the maps that drive the sampler (default 1)")
     a("--sampler", choices=["uniform", "classic", "rfs", "adaptive"],
       help="per-epoch image sampling: uniform (default), classic (= --image-weights: class_weights * (1 - maps)^2 "
-      "summed over labels), rfs (LVIS repeat factors), adaptive (repeat factors scaled by each class's AP deficit); "
+      "summed over labels), rfs (LVIS repeat factors), adaptive (linear repeat factors t / f scaled by each class's "
+      "AP deficit); "
       "see trainer/data/samplers.py")
     a("--rfs-t", type=float, help="repeat threshold t of rfs and adaptive: classes in fewer than a fraction t of "
       "the images repeat by sqrt(t / f) (default 0.1)")
-    a("--sampler-power", type=float, help="adaptive: exponent on the AP deficit (default 1)")
+    a("--sampler-power", type=float, help="adaptive: exponent on the AP deficit (default 2)")
     a("--cls-feedback", type=float, metavar="POWER",
       help="weight each class's classification loss by its AP deficit ** POWER (from maps; default 0 = off)")
     a("--maps", help="maps.json from an earlier evaluation: seeds the first epoch's image weights")
