@@ -123,7 +123,8 @@ def run_local(args: argparse.Namespace) -> int:
     params = dict(data=str(Path(data).resolve()) if not data.startswith("s3://") else data, cfg=args.cfg,
                   weights=str(Path(args.weights).resolve()) if args.weights else "", imgsz=args.imgsz,
                   batch_size=args.batch_size, epochs_per_block=args.epochs_per_block, workers=args.workers,
-                  image_weights=not args.no_image_weights, sampler=args.sampler, rfs_t=args.rfs_t,
+                  image_weights=not args.no_image_weights,
+                  sampler="uniform" if args.no_image_weights else args.sampler, rfs_t=args.rfs_t,
                   cls_feedback=args.cls_feedback, val_every=args.val_every, optimizer=args.optimizer, nbs=args.nbs,
                   hyp_overrides=args.hyp_overrides, seed=args.seed,
                   device=args.device, publish=args.publish or str(root),
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--cfg", default="yolov5n")
     r.add_argument("--weights", default="")
-    r.add_argument("--no-image-weights", action="store_true", help="uniform sampling (when --sampler is not given)")
+    r.add_argument("--no-image-weights", action="store_true", help="uniform sampling (same as --sampler uniform)")
     r.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=["", "uniform", "classic", "rfs", "adaptive"],
                    help="per-epoch image sampler of every block (trainer/data/samplers.py)")
     r.add_argument("--rfs-t", type=float, default=0.1, help="repeat threshold of rfs and adaptive")
