@@ -309,7 +309,7 @@ def epoch_indices(sampler: ImageSampler, maps: np.ndarray, seed: int, epoch: int
 
 def weight_images(run: Run, epoch: int) -> None:
     """Set `dataset.indices` and the class loss weights for the epoch; record both (rank 0)."""
-    ds, nc, maps = run.train_set, len(run.names), run.state.maps
+    ds, maps = run.train_set, run.state.maps
     ds.indices = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
     record: dict[str, Any] = {"epoch": epoch, "sampler": run.sampler.kind, "names": run.names,
                               "maps": [round(float(m), 6) for m in maps]}
@@ -320,8 +320,8 @@ def weight_images(run: Run, epoch: int) -> None:
     factors = run.sampler.class_factors(maps)
     record.update({
         "class_weights": [float(w) for w in factors / max(float(factors.sum()), 1e-12)],
-        "class_draws": [int(c) for c in iw.draw_counts(ds.indices, ds.labels, nc)],
-        "class_labels": [int(c) for c in iw.class_counts(ds.labels, nc)],
+        "class_draws": [int(c) for c in run.sampler.stats.counts[ds.indices].sum(0)],
+        "class_labels": [int(c) for c in run.sampler.stats.counts.sum(0)],
     })
     run.logger.image_weights(record)
 
