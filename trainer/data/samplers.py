@@ -74,8 +74,7 @@ class LabelStats:
     """What the samplers need from the training labels, computed once per run."""
 
     def __init__(self, labels: Sequence[np.ndarray], nc: int):
-        ids = [np.asarray(lab).reshape(-1, 5)[:, 0].astype(np.int64) for lab in labels]
-        iw.class_counts(labels, nc)  # validates the class ids
+        ids = iw.class_ids(labels, nc)  # checked against [0, nc)
         self.nc, self.n = nc, len(labels)
         self.counts = np.zeros((self.n, nc), np.int64)  # (n, nc) labels of each class per image
         for k, c in enumerate(ids):

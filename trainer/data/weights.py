@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def _class_ids(labels: Sequence[np.ndarray], nc: int) -> list[np.ndarray]:
+def class_ids(labels: Sequence[np.ndarray], nc: int) -> list[np.ndarray]:
+    """Per image, its labels' class ids → list of (m,) int64; ValueError names an id out of [0, nc)."""
     ids = [np.asarray(lab).reshape(-1, 5)[:, 0].astype(np.int64) for lab in labels]
     for k, c in enumerate(ids):
         if len(c) and (c.min() < 0 or c.max() >= nc):
@@ -26,7 +27,7 @@ def class_counts(labels: Sequence[np.ndarray], nc: int) -> np.ndarray:
     """Number of labels of each class over all images → (nc,) int64."""
     if nc < 1:
         raise ValueError(f"nc must be >= 1, got {nc}")
-    ids = _class_ids(labels, nc)
+    ids = class_ids(labels, nc)
     return np.bincount(np.concatenate(ids) if ids else np.zeros(0, np.int64), minlength=nc)
 
 
@@ -47,7 +48,7 @@ def image_weights(labels: Sequence[np.ndarray], nc: int, class_weights: np.ndarr
     cw = np.asarray(class_weights, np.float64).reshape(-1)
     if len(cw) != nc:
         raise ValueError(f"class_weights has {len(cw)} entries, expected nc={nc}")
-    ids = _class_ids(labels, nc)
+    ids = class_ids(labels, nc)
     per_image = np.stack([np.bincount(c, minlength=nc) for c in ids]) if ids else np.zeros((0, nc))
     return per_image @ cw  # (n, nc) counts @ (nc,) weights
 
@@ -80,7 +81,7 @@ def draw_indices(weights: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarr
 
 def draw_counts(indices: Sequence[int], labels: Sequence[np.ndarray], nc: int) -> np.ndarray:
     """Number of labels of each class in the drawn image list (an image drawn twice counts twice) → (nc,)."""
-    per_image = np.stack([np.bincount(c, minlength=nc) for c in _class_ids(labels, nc)]) if len(labels) else None
+    per_image = np.stack([np.bincount(c, minlength=nc) for c in class_ids(labels, nc)]) if len(labels) else None
     if per_image is None or len(indices) == 0:
         return np.zeros(nc, np.int64)
     return per_image[np.asarray(indices, np.int64)].sum(0).astype(np.int64)
