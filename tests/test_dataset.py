@@ -1,4 +1,4 @@
-"""YoloDataset on tiny generated images (img_size 64): layout, targets, rect batches, indices, workers."""
+"""YoloDataset on tiny generated images (img_size 64): layout, targets, rect batches, samples, workers."""
 
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from trainer.data.config import load_data_config
 from trainer.data.dataset import YoloDataset, seed_worker
+from trainer.data.epoch_sampler import EpochSampler
 from trainer.data.labels import scan_split
 
 NO_AUG = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "mosaic")}
@@ -121,18 +122,36 @@ def test_rect_batches(five, tmp_path, pad, want):
     assert imgs.shape == (2, 3, *want[1])
 
 
-def test_indices_remap_and_mosaic_follows_them(five, tmp_path):
+def test_samples_carry_the_draw_and_mosaic_partners(five, tmp_path):
     ds = _ds(five, tmp_path)
-    ds.indices = [2] * ds.n
-    assert {ds[k][2] for k in range(ds.n)} == {str(five[2])}
+    sampler = EpochSampler(ds.n, batch_size=2, seed=3)
+    sampler.set_epoch(0, [2] * ds.n)
+    assert {ds[s][2] for s in sampler} == {str(five[2])}
     aug = _ds(five, tmp_path, augment=True, hyp={"mosaic": 1.0, "scale": 0.0, "translate": 0.0}, seed=1)
-    aug.indices = [2] * aug.n
     classes = set()
-    for k in range(aug.n):
-        img, t, path, shapes = aug[k]
+    for s in sampler:
+        assert s.partners == (2,) * 7  # partners come from the same draw
+        img, t, path, shapes = aug[s]
         assert shapes is None and img.shape == (3, 64, 64) and path == str(five[2])
         classes |= set(t[:, 1].tolist())
     assert classes == {2.0}  # every mosaic tile was image 2
+
+
+def test_an_item_is_a_function_of_its_sample(five, tmp_path):
+    """Same Sample, same item, whichever dataset object or process builds it (workers may persist)."""
+    hyp = {"mosaic": 1.0, "degrees": 5.0}
+    a, b = (_ds(five, tmp_path, augment=True, hyp=hyp) for _ in range(2))
+    sampler = EpochSampler(a.n, batch_size=2, seed=5)
+    sampler.set_epoch(4)
+    samples = list(sampler)
+    first = [a[s] for s in samples]
+    b[samples[0]]  # b has served another item first: no state carries over
+    for s, x in zip(reversed(samples), reversed(first)):
+        y = b[s]
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    sampler.set_epoch(5)
+    other = [a[s] for s in sampler]
+    assert any(not torch.equal(x[0], y[0]) for x, y in zip(first, other))  # a new epoch, new augmentation
 
 
 def test_augment_determinism_and_mosaic_switch(five, tmp_path):
@@ -172,7 +191,6 @@ def test_from_config_and_prescanned_entries(five, tmp_path):
 def test_dataloader_two_workers(five, tmp_path):
     torch.manual_seed(0)
     ds = _ds(five, tmp_path, augment=True, hyp={"mosaic": 1.0})
-    ds.indices = [0] * ds.n  # same image everywhere: only the augmentation tells items apart
     loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=YoloDataset.collate_fn, worker_init_fn=seed_worker)
     batches = list(loader)
     assert len(batches) == 3  # 5 images → batches of 2, 2, 1
@@ -180,3 +198,20 @@ def test_dataloader_two_workers(five, tmp_path):
     assert imgs.shape == (5, 3, 64, 64)
     # Workers must not replay each other's random stream.
     assert len({bytes(i.numpy()) for i in imgs}) == 5
+
+
+def test_persistent_workers_follow_each_epochs_draw(five, tmp_path):
+    """Workers forked once still build every epoch from that epoch's draw, and the items equal the
+    ones the main process builds from the same Samples (worker count does not matter)."""
+    ds = _ds(five, tmp_path, augment=True, hyp={"mosaic": 0.0, "scale": 0.0, "translate": 0.0, "fliplr": 0.0})
+    sampler = EpochSampler(ds.n, batch_size=2, seed=1)
+    loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2, persistent_workers=True,
+                        collate_fn=YoloDataset.collate_fn)
+    for epoch, image in enumerate([0, 3, 1]):
+        sampler.set_epoch(epoch, [image] * ds.n)
+        paths = [p for batch in loader for p in batch[2]]
+        assert paths == [str(five[image])] * ds.n
+    sampler.set_epoch(7)
+    in_workers = torch.cat([b[0] for b in loader])
+    in_main = torch.stack([ds[s][0] for s in sampler])
+    assert torch.equal(in_workers, in_main)

@@ -64,6 +64,7 @@ def test_every_sampler_broadcasts_identical_lists_with_disjoint_covering_shards(
         assert len(set(p0) & set(p1)) <= 1  # disjoint but for the single padding repeat
         assert set(p0) | set(p1) == set(range(n))  # together they cover the whole list
         drawn = [r0["lists"][epoch][i] for i in p0 + p1]
+        assert r0["images"][epoch] + r1["images"][epoch] == drawn  # the sampler yields the drawn images
         assert sorted(set(drawn)) == sorted(set(r0["lists"][epoch]))
 
 

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 
 from trainer import distributed
 from trainer.config import ConfigError, TrainOptions
+from trainer.data.epoch_sampler import EpochSampler
 from trainer.fit import initial_maps, loader_workers, next_run_dir, setup
 from trainer.train import main
 
@@ -24,7 +25,12 @@ def _opt(data, tmp_path, **kw):
 def test_training_data_is_shuffled_without_ddp(tmp_path, synthetic_yaml):
     run = setup(_opt(synthetic_yaml, tmp_path), distributed.DistContext(), torch.device("cpu"))
     try:
-        assert isinstance(run.train_loader.sampler, RandomSampler)  # YOLOv5 mid-2020 forgot this
+        sampler = run.train_loader.sampler
+        assert isinstance(sampler, EpochSampler) and sampler.shuffle  # YOLOv5 mid-2020 forgot this
+        sampler.set_epoch(0)
+        order = [s.position for s in sampler]
+        assert sorted(order) == list(range(run.train_set.n)) and order != sorted(order)
+        assert run.train_loader.persistent_workers == (run.train_loader.num_workers > 0)
         assert isinstance(run.val_loader.sampler, SequentialSampler)
         assert run.val_loader.dataset.rect and not run.val_loader.dataset.augment
     finally:
@@ -34,7 +40,10 @@ def test_training_data_is_shuffled_without_ddp(tmp_path, synthetic_yaml):
 def test_rect_training_keeps_order(tmp_path, synthetic_yaml):
     run = setup(_opt(synthetic_yaml, tmp_path, rect=True), distributed.DistContext(), torch.device("cpu"))
     try:
-        assert isinstance(run.train_loader.sampler, SequentialSampler)
+        sampler = run.train_loader.sampler
+        assert isinstance(sampler, EpochSampler) and sampler.whole_batches and not sampler.shuffle
+        sampler.set_epoch(2)
+        assert [s.position for s in sampler] == list(range(run.train_set.n))
     finally:
         run.logger.close()
 

@@ -157,6 +157,28 @@ def test_official_weights_detect_bowls_and_broccoli() -> None:
         assert (iou * same).max() > 0.5, f"no class {cls} detection matches its label"
 
 
+def test_fused_copy_matches_and_leaves_the_model_alone() -> None:
+    torch.manual_seed(0)
+    model = build_model("yolov5n", nc=3)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():  # statistics far from the identity, so a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = model.fused()
+    assert model.training and not fused.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.rand(2, 3, 96, 128, generator=g)
+    with torch.no_grad():
+        want, got = model.eval().predict(x), fused.predict(x)
+    assert (want - got).abs().max() < 1e-3 * want.abs().max()
+
+
 def _spec_dict() -> dict:
     return copy.deepcopy(load_model_spec("yolov5n").to_dict())
 

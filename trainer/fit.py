@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from trainer import distributed
 from trainer.amp import Precision, resolve_precision
@@ -37,6 +37,7 @@ from trainer.data import weights as iw
 from trainer.data.samplers import ImageSampler, LabelStats, loss_class_weights
 from trainer.data.config import DataConfig, load_data_config
 from trainer.data.dataset import YoloDataset, seed_worker
+from trainer.data.epoch_sampler import EpochSampler
 from trainer.ema import ModelEMA, unwrap
 from trainer.engine import EpochPlan, StepCounter, train_one_epoch
 from trainer.loss import YoloLoss, scale_loss_gains
@@ -155,18 +156,19 @@ def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx
     workers = loader_workers(opt.workers, batch, ctx)
     scan_threads = max(1, available_cpus() // ctx.local_world_size)
     train_set = YoloDataset.from_config(data, "train", img_size=opt.imgsz, batch_size=batch, augment=True,
-                                        hyp=hyp.to_dict(), rect=opt.rect, stride=stride,
-                                        seed=opt.seed + ctx.rank, workers=scan_threads)
-    sampler = DistributedSampler(train_set, shuffle=not opt.rect, seed=opt.seed) if ctx.distributed else None
+                                        hyp=hyp.to_dict(), rect=opt.rect, stride=stride, seed=opt.seed,
+                                        workers=scan_threads)
+    # The sampler carries each epoch's draw and every item's augmentation seed (see
+    # trainer/data/epoch_sampler.py), so the workers can persist across epochs and validations.
+    sampler = EpochSampler(train_set.n, batch, seed=opt.seed, shuffle=not opt.rect, rank=ctx.rank,
+                           world_size=ctx.world_size, whole_batches=opt.rect)
     train_loader = DataLoader(
-        train_set, batch_size=batch, sampler=sampler, shuffle=sampler is None and not opt.rect,
-        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn,
-        worker_init_fn=seed_worker, generator=torch.Generator(),
-        # Not persistent: workers are forked anew each epoch, so they see that epoch's `indices`.
-        persistent_workers=False)
+        train_set, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=YoloDataset.collate_fn, worker_init_fn=seed_worker, persistent_workers=workers > 0)
     val_set = YoloDataset.from_config(data, "val", img_size=opt.imgsz, batch_size=batch * 2, augment=False,
                                       rect=True, stride=stride, pad=0.5, workers=scan_threads)
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn,
+                  persistent_workers=workers > 0)
     if ctx.distributed:  # every rank validates whole batches of its share (see trainer/validate.py)
         shard = ShardedBatches(len(val_set), batch * 2, ctx.rank, ctx.world_size)
         val_loader = DataLoader(val_set, batch_sampler=shard, **common)
@@ -300,7 +302,7 @@ def restore_state(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | 
 def epoch_indices(sampler: ImageSampler, maps: np.ndarray, seed: int, epoch: int, is_main: bool) -> np.ndarray:
     """This epoch's image list: rank 0 draws n indices with `sampler` seeded by (seed, epoch) and
     broadcasts them (in a tensor on the device the backend needs), so every rank holds rank 0's list
-    whatever its own maps say. Each rank's DistributedSampler then takes a disjoint shard."""
+    whatever its own maps say. Each rank's EpochSampler then takes a disjoint shard."""
     indices = torch.zeros(sampler.stats.n, dtype=torch.int64)
     if is_main:
         indices = torch.as_tensor(sampler.draw(maps, seed, epoch), dtype=torch.int64)
@@ -308,9 +310,10 @@ def epoch_indices(sampler: ImageSampler, maps: np.ndarray, seed: int, epoch: int
 
 
 def weight_images(run: Run, epoch: int) -> None:
-    """Set `dataset.indices` and the class loss weights for the epoch; record both (rank 0)."""
-    ds, maps = run.train_set, run.state.maps
-    ds.indices = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
+    """Hand the epoch's draw to the loader's sampler, set the class loss weights; record both (rank 0)."""
+    maps = run.state.maps
+    draw = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
+    run.train_loader.sampler.set_epoch(epoch, draw)
     record: dict[str, Any] = {"epoch": epoch, "sampler": run.sampler.kind, "names": run.names,
                               "maps": [round(float(m), 6) for m in maps]}
     if run.opt.cls_feedback:
@@ -320,7 +323,7 @@ def weight_images(run: Run, epoch: int) -> None:
     factors = run.sampler.class_factors(maps)
     record.update({
         "class_weights": [float(w) for w in factors / max(float(factors.sum()), 1e-12)],
-        "class_draws": [int(c) for c in run.sampler.stats.counts[ds.indices].sum(0)],
+        "class_draws": [int(c) for c in run.sampler.stats.counts[draw].sum(0)],
         "class_labels": [int(c) for c in run.sampler.stats.counts.sum(0)],
     })
     run.logger.image_weights(record)
@@ -376,11 +379,7 @@ def run_epochs(run: Run) -> TrainResult:
     start = state.epoch
     for epoch in range(start, stop):
         weight_images(run, epoch)
-        if isinstance(run.train_loader.sampler, DistributedSampler):
-            run.train_loader.sampler.set_epoch(epoch)
         # Shuffling, augmentation and multi-scale sizes are functions of (seed, epoch): resumable.
-        run.train_loader.generator.manual_seed(opt.seed * 100003 + epoch)
-        run.train_set.set_epoch(epoch)
         rng = random.Random(f"{opt.seed}-{epoch}-multiscale")
         started = time.perf_counter()
         train_stats = train_one_epoch(run.model, run.loss_fn, run.optimizer, run.scaler, run.ema, run.train_loader,

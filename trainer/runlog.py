@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -38,6 +39,8 @@ class RunLogger:
         self.names = list(names)
         self.enabled = enabled
         self._tb = None
+        self._plotter: ThreadPoolExecutor | None = None
+        self._plots: list[Future] = []
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -62,19 +65,35 @@ class RunLogger:
 
     def train_batch_images(self, ni: int, epoch: int, imgs: torch.Tensor, targets: torch.Tensor,
                            paths: Sequence[str]) -> None:
-        """The first batches of the run, as train_batch{ni}.jpg and TensorBoard images."""
+        """The first batches of the run, as train_batch{ni}.jpg and TensorBoard images. Drawn on a
+        background thread (about a second each at 640 px), off the training step."""
         if not self.enabled or ni >= PLOTTED_BATCHES:
             return
-        fname = self.run_dir / f"train_batch{ni}.jpg"
-        image = plots.plot_images(imgs, targets, paths, self.names, fname)
+        if self._plotter is None:
+            self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
+        batch = (imgs.detach().cpu().clone(), targets.detach().cpu().clone(), list(paths))
+        self._plots.append(self._plotter.submit(self._plot_batch, ni, epoch, *batch))
+
+    def _plot_batch(self, ni: int, epoch: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str]) -> None:
+        image = plots.plot_images(imgs, targets, paths, self.names, self.run_dir / f"train_batch{ni}.jpg")
         if self._tb is not None:
             self._tb.add_image(f"train_batch{ni}", image, global_step=epoch, dataformats="HWC")
+
+    def wait_for_plots(self) -> None:
+        """Block until the queued batch plots are written; a failed plot is logged, not raised."""
+        for future in self._plots:
+            try:
+                future.result()
+            except Exception as e:  # a plot must never end a training run
+                log.warning("a batch plot failed: %s", e)
+        self._plots.clear()
 
     # epochs ---------------------------------------------------------------------------------
     def epoch_end(self, epoch: int, row: dict[str, float]) -> None:
         """Append one results.csv row, TensorBoard scalars, and a summary line."""
         if not self.enabled:
             return
+        self.wait_for_plots()  # the epoch's files are complete before anything uploads them
         path = self.run_dir / "results.csv"
         new = not path.exists()
         with path.open("a", newline="") as f:
@@ -113,6 +132,10 @@ class RunLogger:
             log.warning(message, *args)
 
     def close(self) -> None:
+        self.wait_for_plots()
+        if self._plotter is not None:
+            self._plotter.shutdown()
+            self._plotter = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

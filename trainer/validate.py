@@ -20,6 +20,7 @@ from trainer.amp import Precision
 from trainer.ema import unwrap
 from trainer.loss import YoloLoss
 from trainer.metrics.detection import DetectionMetrics
+from trainer.models.yolo import YoloModel
 from trainer.ops.boxes import scale_boxes_to_original, xywhn2xyxy
 from trainer.ops.nms import non_max_suppression
 
@@ -51,10 +52,12 @@ def accumulate(model: torch.nn.Module, loader: Iterable, device: torch.device, m
                iou_thres: float = 0.6, max_det: int = 300, on_batch: BatchHook | None = None,
                on_image: ImageHook | None = None) -> tuple[torch.Tensor, int]:
     """Run `model` over `loader`, adding every image to `metrics` in loader order; returns the
-    summed val losses (3,) [box, obj, cls] and the number of batches."""
+    summed val losses (3,) [box, obj, cls] and the number of batches. A YoloModel runs as its fused
+    copy (BatchNorm folded into the convolutions); `model` itself is left as it was."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
+    owner, net = net, (net.fused() if isinstance(net, YoloModel) else net)
     losses = torch.zeros(3)
     n_batches = 0
     for bi, (imgs, targets, paths, shapes) in enumerate(loader):
@@ -74,7 +77,7 @@ def accumulate(model: torch.nn.Module, loader: Iterable, device: torch.device, m
         if on_batch is not None:
             on_batch(bi, imgs, targets, dets, paths, shapes)
         n_batches += 1
-    net.train(was_training)
+    owner.train(was_training)
     return losses, n_batches
 
 

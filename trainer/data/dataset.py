@@ -6,13 +6,14 @@ to the returned image, path, shapes). `shapes` is None for mosaic items, otherwi
 image (before padding), and the left/top letterbox padding, so a box on the returned image maps
 back to the original by `(x - padw) / rw`, `(y - padh) / rh`.
 
-Image weighting: `dataset.indices` (default range(n)) remaps every index before use; the training
-loop replaces it each epoch with weighted draws. Mosaic draws its 3 extra tiles from it as well.
+Training indexes the dataset with `Sample`s (trainer/data/epoch_sampler.py): the sampler carries
+the epoch's weighted draw, the mosaic and mixup partners, and the seed of the item's augmentation
+generator, so an item is a pure function of its `Sample`.
 
-Randomness: each process owns a numpy Generator. The main process seeds it with `seed`; a
-DataLoader worker re-seeds it from (seed, the worker's torch seed), and torch gives each worker of
-each epoch a distinct seed derived from the main process's torch RNG, so workers never repeat each
-other and a run with `torch.manual_seed` set is reproducible.
+Indexed with a plain int (validation, direct use), item i is image i; with augmentation the mosaic
+partners are drawn uniformly, from a numpy Generator the process owns. The main process seeds it with
+`seed`; a DataLoader worker re-seeds it from (seed, the worker's torch seed), so workers never repeat
+each other.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from trainer.data import augment as aug
 from trainer.data.config import DataConfig, resolve_split
+from trainer.data.epoch_sampler import PARTNERS, Sample
 from trainer.data.labels import DatasetError, DatasetReport, LabelEntry, report_for_entries, scan_split
 
 # YOLOv5 hyp.scratch augmentation defaults; keys missing from `hyp` fall back to these.
@@ -91,7 +93,6 @@ class YoloDataset(Dataset):
         self.batch_index: np.ndarray | None = None
         if rect:
             self._make_rect_batches()
-        self.indices: Sequence[int] = range(self.n)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str, **kwargs) -> YoloDataset:
@@ -152,13 +153,6 @@ class YoloDataset(Dataset):
             self._rng_owner = owner
         return self._rng
 
-    def set_epoch(self, epoch: int) -> None:
-        """Re-seed the main process's generator from (seed, epoch), so the augmentation of an epoch
-        does not depend on how many epochs this process ran before (exact resume). Workers follow
-        the DataLoader generator, which the loop re-seeds per epoch as well."""
-        self._rng = np.random.default_rng([self.seed, epoch])
-        self._rng_owner = None
-
     # ------------------------------------------------------------ loading
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
@@ -177,18 +171,22 @@ class YoloDataset(Dataset):
             img = cv2.resize(img, size, interpolation=interp)
         return img, (h0, w0), img.shape[:2]
 
-    def __getitem__(self, index: int):
-        i = int(self.indices[index])
-        rng = self.rng if self.augment else None
+    def __getitem__(self, index: int | Sample):
+        if isinstance(index, Sample):
+            position, i, partners = index.position, index.image, list(index.partners)
+            rng = np.random.default_rng(index.seed) if self.augment else None
+        else:
+            position = i = int(index)
+            rng = self.rng if self.augment else None
+            partners = rng.integers(self.n, size=PARTNERS).tolist() if self.mosaic else []
         hyp = self.hyp
         if self.mosaic and rng.random() < hyp["mosaic"]:
-            img, targets = self._load_mosaic(i, rng)
+            img, targets = self._load_mosaic([i] + partners[:3], rng)
             shapes = None
             if hyp["mixup"] and rng.random() < hyp["mixup"]:
-                j = int(self.indices[int(rng.integers(len(self.indices)))])
-                img, targets = aug.mixup(img, targets, *self._load_mosaic(j, rng), rng)
+                img, targets = aug.mixup(img, targets, *self._load_mosaic(partners[3:7], rng), rng)
         else:
-            img, targets, shapes = self._load_letterboxed(index, i, rng)
+            img, targets, shapes = self._load_letterboxed(position, i, rng)
         h, w = img.shape[:2]
         labels = aug.xyxy_to_cxcywhn(targets, w, h)  # (n, 5) [cls, cx, cy, w, h] normalised
         if self.augment:
@@ -202,11 +200,11 @@ class YoloDataset(Dataset):
         chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC → RGB CHW
         return torch.from_numpy(chw), out, self.img_files[i], shapes
 
-    def _load_letterboxed(self, index: int, i: int, rng: np.random.Generator | None):
+    def _load_letterboxed(self, position: int, i: int, rng: np.random.Generator | None):
         """Letterbox image i to img_size, or to its batch's shape with rect; then perspective if training."""
         img, (h0, w0), (h, w) = self.load_image(i)
         # With rect, the shape follows the batch *position* so a sampled batch always stacks.
-        shape = tuple(self.batch_shapes[self.batch_index[index]]) if self.rect else self.img_size
+        shape = tuple(self.batch_shapes[self.batch_index[position]]) if self.rect else self.img_size
         img, (rw, rh), pad = aug.letterbox(img, shape, auto=False, scaleup=self.augment, stride=self.stride)
         shapes = ((h0, w0), ((h * rh / h0, w * rw / w0), pad))
         targets = aug.cxcywhn_to_xyxy(self.labels[i], w * rw, h * rh, pad[0], pad[1])  # (n, 5) px
@@ -217,9 +215,8 @@ class YoloDataset(Dataset):
             )
         return img, targets, shapes
 
-    def _load_mosaic(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Mosaic of image i and 3 images drawn uniformly from `indices` → (s x s img, (n, 5) px)."""
-        picks = [i] + [int(self.indices[int(k)]) for k in rng.integers(len(self.indices), size=3)]
+    def _load_mosaic(self, picks: list[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Mosaic of the 4 images `picks` → (s x s img, (n, 5) px)."""
         imgs = [self.load_image(k)[0] for k in picks]
         p = self.hyp
         return aug.mosaic4(
@@ -238,7 +235,11 @@ class YoloDataset(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy's and Python's global RNGs from torch's worker seed."""
+    """DataLoader `worker_init_fn`: seed numpy's and Python's global RNGs from torch's worker seed,
+    and keep OpenCV to one thread: the workers are the parallelism, and OpenCV's own thread pool in
+    every worker would fight the training threads for the same cores (torch already runs one
+    thread per worker)."""
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
