@@ -144,6 +144,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Everything a training run was asked to do (the CLI flags), saved as opt.yaml."""
@@ -172,6 +175,7 @@ class TrainOptions:
     linear_lr: bool = False       # linear LR decay instead of cosine
     patience: int = 100           # epochs without fitness improvement before stopping; 0 = never
     amp: str = "auto"             # auto, fp16, bf16 or off
+    memory_format: str = "channels_last"  # NHWC: 1.35x the fp32 training step of NCHW on CPU (bench/bench_train_step.py)
     noval: bool = False           # validate only on the final epoch (same as val_every 0)
     val_every: int = 1            # validate (and refresh maps) every N epochs and after the last; 0 = last only
     sampler: str = ""             # uniform, classic, rfs or adaptive; "" = classic with image_weights, else uniform
@@ -195,6 +199,8 @@ class TrainOptions:
             (self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
             (self.optimizer in ("SGD", "Adam", "AdamW"), f"--optimizer must be SGD, Adam or AdamW, got {self.optimizer!r}"),
             (self.amp in ("auto", "fp16", "bf16", "off"), f"--amp must be auto, fp16, bf16 or off, got {self.amp!r}"),
+            (self.memory_format in MEMORY_FORMATS,
+             f"--memory-format must be one of {list(MEMORY_FORMATS)}, got {self.memory_format!r}"),
             (0 <= self.stop_epoch <= self.epochs, f"--stop-epoch must be in [0, --epochs], got {self.stop_epoch}"),
             (not (self.rect and self.sampler_kind != "uniform"), "--rect and --image-weights/--sampler can't be "
              "combined: rectangular training fixes the image order, a sampler redraws it"),

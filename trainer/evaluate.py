@@ -36,7 +36,7 @@ from trainer.data.config import DataConfigError, load_data_config
 from trainer.data.dataset import YoloDataset
 from trainer.data.labels import DatasetError
 from trainer.distributed import DistributedError, select_device
-from trainer.fit import available_cpus, next_run_dir
+from trainer.fit import available_cpus, memory_format, next_run_dir
 from trainer.metrics.coco import STAT_KEYS
 from trainer.metrics.confusion import ConfusionMatrix
 from trainer.models.foreign_pickle import UnsafePickleError
@@ -61,6 +61,7 @@ class EvalOptions:
     save_json: bool = False
     workers: int = 4
     amp: str = "auto"
+    memory_format: str = "channels_last"
     project: str = "runs/val"
     name: str = "exp"
     exist_ok: bool = False
@@ -117,7 +118,8 @@ def evaluate(opt: EvalOptions) -> dict[str, Any]:
     exporter = CocoExporter(names)
     on_image = _fanout(lambda path, p, g, hw: confusion.update(p, g), *([exporter] if opt.save_json else []))
     started = time.perf_counter()
-    metrics = run_validation(model.to(device), loader, device, names, resolve_precision(opt.amp, device),
+    model = model.to(device, memory_format=memory_format(opt.memory_format))
+    metrics = run_validation(model, loader, device, names, resolve_precision(opt.amp, device),
                              conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, max_det=opt.max_det,
                              on_batch=BatchPlotter(out, names) if opt.plots else None, on_image=on_image)
     seconds = time.perf_counter() - started
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-json", action="store_true", help="also write gt.json and predictions.json (COCO format)")
     a("--workers", type=int, default=4)
     a("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"])
+    a("--memory-format", default="channels_last", choices=["channels_last", "contiguous"])
     a("--project", default="runs/val")
     a("--name", default="exp")
     a("--exist-ok", action="store_true")

@@ -139,6 +139,10 @@ def loader_workers(requested: int, batch_per_rank: int, ctx: distributed.DistCon
     return workers
 
 
+def memory_format(name: str) -> torch.memory_format:
+    return {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[name]
+
+
 def build_model_for(opt: TrainOptions, names: list[str]) -> YoloModel:
     """Fresh from --cfg, or --weights (kfyolo or ultralytics) loaded where keys and shapes match."""
     if not opt.weights:
@@ -228,7 +232,7 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
     torch.set_num_threads(max(1, available_cpus() // ctx.local_world_size))
 
     model = build_model_for(opt, names) if resume is None else build_model(resume["spec"], names=names)
-    model = model.to(device)
+    model = model.to(device, memory_format=memory_format(opt.memory_format))
     stride = max(int(model.stride.max()), 32)
     if opt.imgsz % stride:
         raise ConfigError(f"--imgsz {opt.imgsz} must be a multiple of the model's max stride {stride}")

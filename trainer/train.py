@@ -43,7 +43,7 @@ log = logging.getLogger("trainer")
 
 # Options a resumed run may change; anything else must match the checkpoint.
 RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout",
-                  "class_weights", "val_every"}
+                  "class_weights", "val_every", "memory_format"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--linear-lr", action="store_const", const=True, help="linear LR decay instead of cosine")
     a("--patience", type=int, help="early-stop after this many epochs without improvement (default 100; 0 = off)")
     a("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision (default auto: fp16 + GradScaler on CUDA, fp32 on CPU; bf16 is opt-in on CPU)")
+    a("--memory-format", choices=["channels_last", "contiguous"],
+      help="the model's and the batches' memory layout (default channels_last: NHWC, faster on CPU and tensor cores)")
     a("--noval", action="store_const", const=True, help="validate only after the final epoch (--val-every 0)")
     a("--val-every", type=int, metavar="N",
       help="validate every N epochs (and after the last), refreshing the maps that drive the sampler (default 1)")

@@ -30,7 +30,15 @@ class Conv(nn.Module):
         self.act = nn.SiLU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        y = self.conv(x)
+        if y.dtype == torch.bfloat16:
+            # Under bf16 autocast the convolution runs in bf16, but BatchNorm's statistics and its
+            # weight and bias gradients are sums over B*H*W values, which bf16's 8-bit mantissa
+            # rounds away: from scratch, yolov5n's gradient pointed 0.43 (cosine) along fp64's with
+            # bf16 BN and 0.67 with fp32 BN (bench/bench_train_step.py). The next conv casts back.
+            with torch.autocast(y.device.type, enabled=False):
+                return self.act(self.bn(y.float()))
+        return self.act(self.bn(y))
 
 
 class Bottleneck(nn.Module):

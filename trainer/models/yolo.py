@@ -221,7 +221,16 @@ class YoloModel(nn.Module):
         self.train(was_training)
         return torch.tensor([size / o.shape[-3] for o in outs], dtype=torch.float32)
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the convolution weights are NHWC (`model.to(memory_format=torch.channels_last)`)."""
+        weight = next((p for p in self.parameters() if p.dim() == 4), None)
+        return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) \
+            and not weight.is_contiguous()
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # inputs follow the model's layout
         outputs: list[torch.Tensor | None] = []
         for i, (layer, src) in enumerate(zip(self.model, self.sources)):
             if src != -1:
@@ -239,11 +248,12 @@ class YoloModel(nn.Module):
         `fuse_conv_bn_eval`): the same outputs to float rounding, one pass over memory fewer per
         layer. The copy is in eval mode and cannot train; `self` is untouched."""
         model = copy.deepcopy(self).eval()
+        channels_last = self.channels_last
         for m in model.modules():
             if isinstance(m, Conv) and isinstance(m.bn, nn.BatchNorm2d):
                 m.conv = fuse_conv_bn_eval(m.conv, m.bn)
                 m.bn = nn.Identity()
-        return model
+        return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def _fix_anchor_order(detect: Detect) -> None:
