@@ -9,7 +9,8 @@ agreement with an fp64 reference (cosine similarity over all parameters, from th
     python bench/bench_train_step.py --weights ../shared/weights/yolov5n.pt   # from the official weights
 
 Variants: fp32; bf16 (autocast; kfyolo keeps BatchNorm and the activations after it in fp32, see
-trainer/amp.py); `+cl` runs the model and the input channels_last. Time it alone.
+trainer/amp.py); `+cl` runs the model and the input channels_last; `+compile` wraps the model in
+torch.compile (inductor) and reports the compile time. Time it alone.
 """
 
 from __future__ import annotations
@@ -72,9 +73,14 @@ def main() -> int:
         precision = Precision("cpu", dtype)
         model = copy.deepcopy(base)
         x = imgs
-        if variant.endswith("+cl"):
+        if "+cl" in variant:
             model = model.to(memory_format=torch.channels_last)
             x = imgs.contiguous(memory_format=torch.channels_last)
+        if variant.endswith("+compile"):
+            t0 = time.perf_counter()
+            model = torch.compile(model)
+            gradient(model, loss_fn, x, targets, precision.autocast())
+            print(f"{variant}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         cos = float(torch.nn.functional.cosine_similarity(ref, gradient(model, loss_fn, x, targets,
                                                                         precision.autocast()), dim=0))
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)

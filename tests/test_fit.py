@@ -137,3 +137,36 @@ def test_nominal_batch_sets_accumulation_and_weight_decay(tmp_path, synthetic_ya
         run.logger.close()
     with pytest.raises(ConfigError, match="--nbs"):
         _opt(synthetic_yaml, tmp_path, nbs=0)
+
+
+def test_each_optimizer_step_clips_the_gradient_norm(tmp_path, synthetic_yaml):
+    """With SGD at lr 1 and no momentum or decay, a step moves the weights by exactly the clipped
+    gradient, so a loss scaled a millionfold may move them by at most MAX_GRAD_NORM per step."""
+    import random
+
+    from trainer.engine import MAX_GRAD_NORM, StepCounter, train_one_epoch
+    from trainer.fit import epoch_plan
+
+    opt = _opt(synthetic_yaml, tmp_path, nbs=4, hyp_overrides=(("warmup_epochs", 0.0),))
+    run = setup(opt, distributed.DistContext(), torch.device("cpu"))
+    try:
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        run.optimizer = torch.optim.SGD([{"params": params[k::3]} for k in range(3)], lr=1.0)  # the loop logs 3 groups
+        for g in run.optimizer.param_groups:
+            g["initial_lr"] = 1.0
+        steps = []
+
+        def huge_loss(preds, targets):
+            loss, parts = run.loss_fn(preds, targets)
+            return loss * 1e6, parts
+
+        before = torch.cat([p.detach().flatten().clone() for p in params])
+        plan = epoch_plan(run, 0)
+        loader = [next(iter(run.train_loader))]  # one batch, one optimizer step
+        plan = type(plan)(**{**plan.__dict__, "batches": 1, "warmup_iters": 0, "lr_factor": 1.0})
+        train_one_epoch(run.model, huge_loss, run.optimizer, run.scaler, None, loader, plan, StepCounter(-1, 1),
+                        run.precision, run.device, random.Random(0), run.logger)
+        moved = float((torch.cat([p.detach().flatten() for p in params]) - before).norm())
+        assert MAX_GRAD_NORM * 0.99 < moved < MAX_GRAD_NORM * 1.01  # clipped, and the clip was active
+    finally:
+        run.logger.close()

@@ -110,6 +110,14 @@ def test_decode_zero_logits_by_hand() -> None:
     rows = out.view(2, 2, 3, 7)
     assert rows[0, 1, 2].tolist() == pytest.approx([(2 + 0.5) * 8, (1 + 0.5) * 8, 16.0, 24.0, 0.5, 0.5, 0.5])
     assert rows[1, 0, 0, :4].tolist() == pytest.approx([4.0, 4.0, 32.0, 40.0])
+    # Grids are cached per size, stride and anchors: another size, then a new stride and new
+    # anchors on the same module, must each decode afresh.
+    rows = detect.decode([torch.zeros(1, 2, 3, 1, 7)]).view(2, 3, 1, 7)
+    assert rows[0, 2, 0, :4].tolist() == pytest.approx([0.5 * 8, 2.5 * 8, 16.0, 24.0])
+    detect.stride.fill_(16.0)
+    detect.anchors.mul_(2)
+    rows = detect.decode([raw]).view(2, 2, 3, 7)
+    assert rows[1, 1, 2, :4].tolist() == pytest.approx([2.5 * 16, 1.5 * 16, 8 * 16, 10 * 16])
 
 
 def test_detect_bias_initialisation() -> None:

@@ -18,6 +18,11 @@ from trainer.runlog import RunLogger
 from trainer.schedule import multiscale_size, resize_batch, warmup_step
 
 
+# YOLOv5 v7.0 clips the gradient norm at 10 before every optimizer step; rarely active once training
+# settles, it keeps the first steps of a fine-tune from being thrown off by one bad batch.
+MAX_GRAD_NORM = 10.0
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; training stops and last.pt keeps the last good epoch."""
 
@@ -92,6 +97,8 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
             # back up to a sum over the global batch (YOLOv5 convention).
             scaler.scale(loss * plan.world_size).backward()
         if step_now:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -117,6 +117,7 @@ class Detect(nn.Module):
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2))
         # Not persistent: the official state_dict has no stride key; the model recomputes it.
         self.register_buffer("stride", torch.ones(self.nl), persistent=False)
+        self._grids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -133,15 +134,25 @@ class Detect(nn.Module):
         for i, p in enumerate(raw):
             b, na, h, w, no = p.shape
             y = p.float().sigmoid()
-            gy, gx = torch.meshgrid(torch.arange(h, device=p.device, dtype=y.dtype),
-                                    torch.arange(w, device=p.device, dtype=y.dtype), indexing="ij")
-            grid = torch.stack((gx, gy), dim=-1).view(1, 1, h, w, 2)
-            anchor_px = (self.anchors[i] * self.stride[i]).view(1, na, 1, 1, 2).to(y.dtype)
+            grid, anchor_px = self._grid(i, h, w, y.device)
             # v6/v7 parametrisation: centre offset in (-0.5, 1.5) cells, size in (0, 4) anchors.
-            xy = (y[..., :2] * 2 - 0.5 + grid) * self.stride[i]
+            xy = (y[..., :2] * 2 + grid) * self.stride[i]
             wh = (y[..., 2:4] * 2) ** 2 * anchor_px
             boxes.append(torch.cat((xy, wh, y[..., 4:]), dim=-1).view(b, -1, no))
         return torch.cat(boxes, dim=1)
+
+    def _grid(self, i: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cell offsets minus 0.5, (1, 1, h, w, 2), and anchor sizes in pixels, (1, na, 1, 1, 2), of
+        level i; kept per (level, size, device, stride, anchors) so a validation pass builds each once."""
+        key = (i, h, w, str(device), float(self.stride[i]), self.anchors[i].sum().item())
+        cached = self._grids.get(key)
+        if cached is None:
+            gy, gx = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                                    torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+            grid = torch.stack((gx, gy), dim=-1).view(1, 1, h, w, 2) - 0.5
+            anchor_px = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2).float()
+            cached = self._grids[key] = (grid, anchor_px)
+        return cached
 
     @torch.no_grad()
     def initialise_biases(self, class_freq: torch.Tensor | None = None, image_size: int = 640) -> None:
