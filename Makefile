@@ -88,6 +88,12 @@ bench-ddp: venv ## bench: training images/s at world size 1 and 2 with the same 
 bench-cocoeval: venv ## bench: kfyolo COCO evaluation vs pycocotools on 5,000 images
 	$(PY) bench/bench_cocoeval.py
 
+bench-step: venv ## bench: the training step alone, fp32/bf16 x NCHW/channels_last, with gradient agreement
+	$(PY) bench/bench_train_step.py
+
+bench-yolov5: venv $(UV) ## bench: kfyolo vs ultralytics YOLOv5 v7.0 (throw-away venv) on COCO128 (~15 min; needs ../shared)
+	$(PY) bench/bench_vs_yolov5.py
+
 study: venv ## the sampler study: every sampler at equal compute, 3 held-out seeds, long-tail set + COCO128 (~2 h)
 	$(PY) bench/study_sampling.py
 
@@ -111,4 +117,4 @@ tensorboard: venv ## serve TensorBoard over the runs folder (RUNS)
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf data/synthetic $(RUNS) .pytest_cache
 
-.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval study study-quick image lint-k8s tensorboard clean
+.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval bench-step bench-yolov5 study study-quick image lint-k8s tensorboard clean

@@ -29,9 +29,11 @@ def _train(a: argparse.Namespace) -> dict:
     callbacks.register_action("on_train_epoch_start", callback=lambda *args, **kw: started.append(time.perf_counter()))
     callbacks.register_action("on_train_epoch_end",
                               callback=lambda *args, **kw: epoch_s.append(time.perf_counter() - started[-1]))
+    # noval stays off: the packaged v7.0.14 fails with --noval (`map50s` unbound after epoch 0).
+    # Validation runs after on_train_epoch_end, so the epoch times below do not include it.
     opt = yt.parse_opt(True)
     for key, value in dict(data=a.data, weights=a.weights, cfg=a.cfg, imgsz=a.imgsz, epochs=a.epochs,
-                           batch_size=a.batch_size, workers=a.workers, seed=a.seed, device="cpu", noval=True,
+                           batch_size=a.batch_size, workers=a.workers, seed=a.seed, device="cpu", noval=False,
                            noplots=True, noautoanchor=True, linear_lr=True, project=str(Path(a.out).parent),
                            name=Path(a.out).name, exist_ok=True).items():
         setattr(opt, key, value)
@@ -61,7 +63,10 @@ def _loader(a: argparse.Namespace) -> dict:
     import yaml
     from yolov5.utils.dataloaders import create_dataloader
 
-    hyp = yaml.safe_load(Path(a.hyp).read_text())
+    import yolov5
+
+    hyp_file = Path(a.hyp) if a.hyp else Path(yolov5.__file__).parent / "data" / "hyps" / "hyp.scratch-low.yaml"
+    hyp = yaml.safe_load(hyp_file.read_text())
     data = yaml.safe_load(Path(a.data).read_text())
     train = str(Path(data["path"]) / data["train"])
     loader, _ = create_dataloader(train, a.imgsz, a.batch_size, 32, hyp=hyp, augment=True, workers=a.workers,

@@ -33,7 +33,7 @@ from trainer.amp import resolve_precision
 from trainer.checkpoint import CheckpointError
 from trainer.coco_export import CocoExporter
 from trainer.data.config import DataConfigError, load_data_config
-from trainer.data.dataset import YoloDataset
+from trainer.data.dataset import YoloDataset, single_threaded_opencv
 from trainer.data.labels import DatasetError
 from trainer.distributed import DistributedError, select_device
 from trainer.fit import available_cpus, memory_format, next_run_dir
@@ -109,8 +109,11 @@ def evaluate(opt: EvalOptions) -> dict[str, Any]:
     dataset = YoloDataset.from_config(data, opt.task, img_size=opt.imgsz, batch_size=opt.batch_size,
                                       rect=True, stride=stride, pad=0.5, workers=available_cpus())
     log.info("%s", dataset.report.summary())
+    workers = min(opt.workers, available_cpus())
+    if workers:
+        single_threaded_opencv()
     loader = DataLoader(dataset, batch_size=opt.batch_size, shuffle=False, collate_fn=YoloDataset.collate_fn,
-                        num_workers=min(opt.workers, available_cpus()), pin_memory=device.type == "cuda")
+                        num_workers=workers, pin_memory=device.type == "cuda")
     out = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -36,7 +36,7 @@ from trainer.config import ConfigError, Hyp, TrainOptions, load_hyp, save_yaml
 from trainer.data import weights as iw
 from trainer.data.samplers import ImageSampler, LabelStats, loss_class_weights
 from trainer.data.config import DataConfig, load_data_config
-from trainer.data.dataset import YoloDataset, seed_worker
+from trainer.data.dataset import YoloDataset, seed_worker, single_threaded_opencv
 from trainer.data.epoch_sampler import EpochSampler
 from trainer.ema import ModelEMA, unwrap
 from trainer.engine import EpochPlan, StepCounter, train_one_epoch
@@ -158,6 +158,8 @@ def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx
                  device: torch.device) -> tuple[YoloDataset, DataLoader, DataLoader | None]:
     batch = opt.batch_size // ctx.world_size
     workers = loader_workers(opt.workers, batch, ctx)
+    if workers:
+        single_threaded_opencv()
     scan_threads = max(1, available_cpus() // ctx.local_world_size)
     train_set = YoloDataset.from_config(data, "train", img_size=opt.imgsz, batch_size=batch, augment=True,
                                         hyp=hyp.to_dict(), rect=opt.rect, stride=stride, seed=opt.seed,
