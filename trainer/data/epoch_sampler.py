@@ -83,4 +83,6 @@ class EpochSampler(Sampler[Sample]):
             yield Sample(p, int(self.draw[p]), tuple(partners[p].tolist()), (self.seed, self.epoch, p))
 
     def __len__(self) -> int:
+        if not self.whole_batches:  # no permutation needed to count
+            return -(-self.n // self.world_size)
         return len(self.positions())

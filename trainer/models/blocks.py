@@ -143,8 +143,10 @@ class Detect(nn.Module):
 
     def _grid(self, i: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Cell offsets minus 0.5, (1, 1, h, w, 2), and anchor sizes in pixels, (1, na, 1, 1, 2), of
-        level i; kept per (level, size, device, stride, anchors) so a validation pass builds each once."""
-        key = (i, h, w, str(device), float(self.stride[i]), self.anchors[i].sum().item())
+        level i; kept per (level, size, device) and the buffers' versions (an in-place change to the
+        stride or the anchors, a state_dict load included, bumps them), with no device sync per call."""
+        key = (i, h, w, str(device), self.stride.data_ptr(), self.stride._version, self.anchors.data_ptr(),
+               self.anchors._version)  # data_ptr: a deepcopy's buffers are other tensors, fresh versions
         cached = self._grids.get(key)
         if cached is None:
             gy, gx = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
