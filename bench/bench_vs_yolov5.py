@@ -30,6 +30,7 @@ import os
 import resource
 import shutil
 import statistics
+import re
 import subprocess
 import sys
 import time
@@ -183,14 +184,18 @@ class Bench:
         cmd = [sys.executable, "-m", "trainer.train", "--data", str(self.data), "--weights", str(WEIGHTS),
                "--imgsz", str(self.args.train_imgsz), "--epochs", str(self.args.epochs), "--batch-size", "16",
                "--workers", str(self.args.workers), "--seed", str(seed), "--device", "cpu", "--noval", "--linear-lr",
-               "--amp", self.args.amp, "--project", str(self.out / "kfyolo-train"), "--name", name, "--exist-ok"]
-        _, cpu = run_timed(cmd, self.out / f"kfyolo-train-{name}.log")
+               "--amp", self.args.amp, "--cache", self.args.cache, "--project", str(self.out / "kfyolo-train"),
+               "--name", name, "--exist-ok"]
+        log_file = self.out / f"kfyolo-train-{name}.log"
+        _, cpu = run_timed(cmd, log_file)
+        filled = re.search(r"cached in ([0-9.]+) s", log_file.read_text())
         import csv
 
         rows = list(csv.DictReader((self.out / "kfyolo-train" / name / "results.csv").open()))
         epoch_s = [float(r["train_s"]) for r in rows]
         last = self.out / "kfyolo-train" / name / "weights" / "last.pt"
-        return {**self.kfyolo_eval(last, self.args.train_imgsz, f"train-{name}"), **cpu, "epoch_s": epoch_s}
+        return {**self.kfyolo_eval(last, self.args.train_imgsz, f"train-{name}"), **cpu, "epoch_s": epoch_s,
+                "cache_s": float(filled.group(1)) if filled else None}
 
     def kfyolo_loader(self) -> dict:
         code = (
@@ -201,7 +206,7 @@ class Bench:
             "from trainer.fit import make_loaders\n"
             "import torch\n"
             f"opt = TrainOptions(data={str(self.data)!r}, imgsz={self.args.loader_imgsz}, batch_size=16, "
-            f"workers={self.args.workers})\n"
+            f"workers={self.args.workers}, cache={self.args.cache!r})\n"
             "ctx = distributed.env_context()\n"
             "_, loader, _ = make_loaders(opt, load_hyp(opt.hyp), load_data_config(opt.data), 32, ctx, "
             "torch.device('cpu'))\n"
@@ -219,6 +224,7 @@ class Bench:
     # -- ultralytics side
     def yolov5(self, mode: str, name: str, *extra: str) -> tuple[dict, dict]:
         cmd = [str(self.yv5), str(DRIVER), mode, "--data", str(self.data), "--workers", str(self.args.workers),
+               "--cache", self.args.yolov5_cache,
                *extra]
         stdout, cpu = run_timed(cmd, self.out / f"yolov5-{mode}-{name}.log", env=ultralytics_env(self.out))
         return driver_result(stdout), cpu
@@ -260,7 +266,7 @@ class Bench:
             runs["kfyolo"].append(self.kfyolo_train(seed, f"s{seed}"))
             runs["ultralytics"].append(self.yolov5_train(seed, f"s{seed}"))
             print(f"train seed {seed}: kfyolo {runs['kfyolo'][-1]} | ultralytics {runs['ultralytics'][-1]}", flush=True)
-            self.results["train"] = runs
+            self.results["train"] = {**runs, "settings": self.part_settings()}
             self.save()
 
     def part_loader(self) -> None:
@@ -268,8 +274,11 @@ class Bench:
         for _ in range(self.args.repeats):
             runs["kfyolo"].append(self.kfyolo_loader())
             runs["ultralytics"].append(self.yolov5_loader())
-        self.results["loader"] = runs
+        self.results["loader"] = {**runs, "settings": self.part_settings()}
         self.save()
+
+    def part_settings(self) -> dict:
+        return {k: getattr(self.args, k) for k in ("amp", "cache", "yolov5_cache", "workers", "epochs")}
 
     def save(self) -> None:
         (self.out / "bench.json").write_text(json.dumps(self.results, indent=1))
@@ -294,8 +303,13 @@ def markdown(results: dict) -> str:
         def ips(runs: list[dict]) -> float:  # epoch 0 warms caches and starts the workers: left out
             return _mean([128 * len(r["epoch_s"][1:]) / sum(r["epoch_s"][1:]) for r in runs])
 
-        add(f"train img/s at {s['train_imgsz']}, epochs 1-{s['epochs'] - 1} ({s['amp']})",
+        ts = {**s, **train.get("settings", {})}
+        caches = f"kfyolo --cache {ts.get('cache', 'off')}, ultralytics {'--cache ' + ts['yolov5_cache'] if ts.get('yolov5_cache') else 'no cache'}"
+        add(f"train img/s at {s['train_imgsz']}, epochs 1-{ts['epochs'] - 1} ({ts['amp']}; {caches})",
             ips(train["ultralytics"]), ips(train["kfyolo"]))
+        fills = [r["cache_s"] for r in train["kfyolo"] if r.get("cache_s") is not None]
+        if fills:
+            rows.append(f"| kfyolo's image cache, filled before epoch 0 | | {_mean(fills):.1f} s | |")
         add(f"{s['epochs']}-epoch fine-tune AP at {s['train_imgsz']} (mean of {len(train['kfyolo'])} seeds)",
             _mean([r["ap"] for r in train["ultralytics"]]), _mean([r["ap"] for r in train["kfyolo"]]), True, "{:.4f}")
     for size, runs in (results.get("eval") or {}).items():
@@ -306,7 +320,9 @@ def markdown(results: dict) -> str:
                 True, "{:.4f}")
     loader = results.get("loader") or {}
     if loader.get("kfyolo") and loader.get("ultralytics"):
-        add(f"mosaic loader img/s at {s['loader_imgsz']}, workers {s['workers']}",
+        ls = {**s, **loader.get("settings", {})}
+        caches = f"kfyolo --cache {ls.get('cache', 'off')}, ultralytics {'--cache ' + ls['yolov5_cache'] if ls.get('yolov5_cache') else 'no cache'}"
+        add(f"mosaic loader img/s at {s['loader_imgsz']}, workers {ls['workers']} ({caches})",
             _mean([r["images"] / r["seconds"] for r in loader["ultralytics"]]),
             _mean([r["images"] / r["seconds"] for r in loader["kfyolo"]]))
     return "\n".join(rows) + "\n"
@@ -324,6 +340,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2, help="A B rounds per eval size and for the loader")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", default="off", help="kfyolo's --amp (ultralytics trains fp32 on CPU)")
+    p.add_argument("--cache", default="auto", choices=["auto", "ram", "off"],
+                   help="kfyolo's --cache (default auto, kfyolo's default: decoded images in RAM when they fit)")
+    p.add_argument("--yolov5-cache", default="", choices=["", "ram"],
+                   help="ultralytics' --cache for train and loader (default: none, its default)")
     p.add_argument("--venv", default=str(ROOT / "runs" / "bench_vs_yolov5" / "venv"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_vs_yolov5"))
     args = p.parse_args()

@@ -35,7 +35,7 @@ def _train(a: argparse.Namespace) -> dict:
     for key, value in dict(data=a.data, weights=a.weights, cfg=a.cfg, imgsz=a.imgsz, epochs=a.epochs,
                            batch_size=a.batch_size, workers=a.workers, seed=a.seed, device="cpu", noval=False,
                            noplots=True, noautoanchor=True, linear_lr=True, project=str(Path(a.out).parent),
-                           name=Path(a.out).name, exist_ok=True).items():
+                           name=Path(a.out).name, exist_ok=True, cache=a.cache or None).items():
         setattr(opt, key, value)
     yt.main(opt, callbacks=callbacks)
     return {"epoch_s": epoch_s, "last": str(Path(a.out) / "weights" / "last.pt")}
@@ -70,7 +70,7 @@ def _loader(a: argparse.Namespace) -> dict:
     data = yaml.safe_load(Path(a.data).read_text())
     train = str(Path(data["path"]) / data["train"])
     loader, _ = create_dataloader(train, a.imgsz, a.batch_size, 32, hyp=hyp, augment=True, workers=a.workers,
-                                  shuffle=True, seed=0)
+                                  shuffle=True, seed=0, cache=a.cache or False)
     images, t0 = 0, None
     for _ in range(a.epochs):
         for imgs, *_ in loader:
@@ -94,6 +94,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/yolov5")
+    p.add_argument("--cache", default="", choices=["", "ram"], help="ultralytics' --cache (default: none)")
     a = p.parse_args()
     result = {"train": _train, "val": _val, "loader": _loader}[a.mode](a)
     print("RESULT " + json.dumps(result), flush=True)

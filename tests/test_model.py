@@ -187,6 +187,32 @@ def test_fused_copy_matches_and_leaves_the_model_alone() -> None:
     assert (want - got).abs().max() < 1e-3 * want.abs().max()
 
 
+def test_channels_last_head_is_a_view_with_the_same_values_and_gradients() -> None:
+    """channels_last: Detect returns (B, na, H, W, no) as a strided view of the conv output (no copy);
+    values and parameter gradients equal the contiguous model's."""
+    from trainer.config import Hyp
+    from trainer.loss import YoloLoss, scale_loss_gains
+
+    torch.manual_seed(0)
+    ref = build_model("yolov5n", nc=3).train()
+    nhwc = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 96)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.3, 0.6, 0.2, 0.2]])
+    loss_fn = YoloLoss(ref.detect.anchors, 3, scale_loss_gains(Hyp().to_dict(), 3, 3, 64))
+    outs, grads = [], []
+    for model in (ref, nhwc):
+        raw = model(x)
+        loss_fn(raw, targets)[0].backward()
+        outs.append(raw)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for a, b in zip(*outs):
+        assert a.shape == b.shape and a.is_contiguous() and not b.is_contiguous()
+        assert (a - b).abs().max() < 1e-3  # the two layouts use different conv kernels
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.9999
+    assert torch.allclose(ref.detect.decode([o.detach() for o in outs[0]]),
+                          nhwc.detect.decode([o.detach() for o in outs[1]]), rtol=1e-3, atol=1e-2)
+
+
 def _spec_dict() -> dict:
     return copy.deepcopy(load_model_spec("yolov5n").to_dict())
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from trainer.data.image_cache import CACHE_MODES
 from trainer.data.samplers import SAMPLERS, SamplerConfig
 from trainer.storage import S3Uri, StorageError, is_s3
 
@@ -176,6 +177,7 @@ class TrainOptions:
     patience: int = 100           # epochs without fitness improvement before stopping; 0 = never
     amp: str = "auto"             # auto, fp16, bf16 or off
     memory_format: str = "channels_last"  # NHWC: 1.35x the fp32 training step of NCHW on CPU (bench/bench_train_step.py)
+    cache: str = "auto"           # decoded images in RAM: auto (when they fit a quarter of free memory), ram or off
     noval: bool = False           # validate only on the final epoch (same as val_every 0)
     val_every: int = 1            # validate (and refresh maps) every N epochs and after the last; 0 = last only
     sampler: str = ""             # uniform, classic, rfs or adaptive; "" = classic with image_weights, else uniform
@@ -187,6 +189,7 @@ class TrainOptions:
     stop_epoch: int = 0           # train epochs [start, stop) of an `epochs` schedule; 0 = all
     deterministic: bool = False
     dist_timeout: float = 1800.0  # seconds a collective (or joining the group) may wait for a peer
+    grace_period: float = 25.0    # seconds from SIGTERM/SIGINT to a saved, resumable exit (pods get 30)
 
     def __post_init__(self) -> None:
         checks = [
@@ -197,10 +200,12 @@ class TrainOptions:
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
             (self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
+            (self.grace_period > 0, f"--grace-period must be > 0 seconds, got {self.grace_period}"),
             (self.optimizer in ("SGD", "Adam", "AdamW"), f"--optimizer must be SGD, Adam or AdamW, got {self.optimizer!r}"),
             (self.amp in ("auto", "fp16", "bf16", "off"), f"--amp must be auto, fp16, bf16 or off, got {self.amp!r}"),
             (self.memory_format in MEMORY_FORMATS,
              f"--memory-format must be one of {list(MEMORY_FORMATS)}, got {self.memory_format!r}"),
+            (self.cache in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}"),
             (0 <= self.stop_epoch <= self.epochs, f"--stop-epoch must be in [0, --epochs], got {self.stop_epoch}"),
             (not (self.rect and self.sampler_kind != "uniform"), "--rect and --image-weights/--sampler can't be "
              "combined: rectangular training fixes the image order, a sampler redraws it"),

@@ -182,6 +182,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return (buf / dist.get_world_size()).to(t.device)
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks (t itself at world size 1)."""
+    if not _active():
+        return t
+    buf = t.to(collective_device()).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.to(t.device)
+
+
 @contextlib.contextmanager
 def no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
     """Skip DDP's gradient all-reduce on accumulation steps that don't end in an optimizer step."""

@@ -5,6 +5,7 @@ through the RunLogger; the loop body is the maths.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -14,6 +15,7 @@ from trainer import distributed
 from trainer.amp import Precision
 from trainer.ema import ModelEMA
 from trainer.optim import BIAS_GROUP, set_momentum
+from trainer.preempt import StopRequest
 from trainer.runlog import RunLogger
 from trainer.schedule import multiscale_size, resize_batch, warmup_step
 
@@ -51,6 +53,8 @@ class EpochPlan:
     warmup_momentum: float
     momentum: float
     lr_factor: float        # lf(epoch)
+    start_batch: int = 0    # batches of this epoch already trained (resuming a stopped epoch)
+    start_mloss: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # their running mean losses
 
 
 @dataclass
@@ -64,16 +68,24 @@ class StepCounter:
 def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, ema: ModelEMA | None, loader: Iterable, plan: EpochPlan,
                     counter: StepCounter, precision: Precision, device: torch.device, rng: random.Random,
-                    logger: RunLogger) -> dict[str, float]:
-    """Train over `loader` once; returns mean losses and the lrs in use at the end."""
+                    logger: RunLogger, stop: StopRequest | None = None) -> dict[str, float]:
+    """Train over `loader` once (from batch plan.start_batch); returns mean losses and the lrs in use
+    at the end. With `stop`, a SIGTERM/SIGINT ends the epoch early on an optimizer step (see
+    trainer/preempt.py); then "stopped_at" holds the number of batches trained, else it is -1."""
     model.train()
-    mloss = torch.zeros(4)  # running means of [box, obj, cls, total]
+    start = plan.start_batch
+    mloss = torch.tensor(plan.start_mloss, dtype=torch.float32)  # running means of [box, obj, cls, total]
+    if plan.multi_scale:
+        for _ in range(start):  # the sizes of the batches trained before the stop
+            multiscale_size(rng, plan.imgsz, plan.stride)
+    stopped_at, step_at, mloss_at_step = -1, start, mloss.clone()
+    batch_s, tick = 0.0, time.perf_counter()
     epoch_lrs = tuple(g["initial_lr"] * plan.lr_factor for g in optimizer.param_groups)
     for g, lr in zip(optimizer.param_groups, epoch_lrs):
         g["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    bar = logger.progress(loader, total=plan.batches)
-    for i, (imgs, targets, paths, _) in enumerate(bar):
+    bar = logger.progress(loader, total=plan.batches, initial=start)
+    for i, (imgs, targets, paths, _) in enumerate(bar, start=start):
         ni = i + plan.batches * plan.epoch
         imgs = imgs.to(device, non_blocking=True).float() / 255  # (B, 3, H, W) in [0, 1]
         if ni <= plan.warmup_iters:
@@ -109,8 +121,19 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
         mloss = (mloss * i + parts.cpu()) / (i + 1)
         logger.batch(bar, plan.epoch, plan.epochs, mloss, targets.shape[0], imgs.shape[-1], device)
         logger.train_batch_images(ni, plan.epoch, imgs, targets, paths)
+        if step_now:
+            step_at, mloss_at_step = i + 1, mloss.clone()
+        if stop is not None:
+            now = time.perf_counter()
+            batch_s, tick = (now - tick if not batch_s else 0.8 * batch_s + 0.2 * (now - tick)), now
+            to_step = 0 if step_now else min(counter.last_opt_step + counter.accumulate - ni, plan.batches - 1 - i)
+            decision = stop.poll(to_step, batch_s)
+            if decision.stop and (step_now or decision.now):
+                stopped_at, mloss = step_at, mloss_at_step  # batches after the last step are trained again
+                break
     if hasattr(bar, "close"):
         bar.close()
     box, obj, cls, total = mloss.tolist()
     lrs = [g["lr"] for g in optimizer.param_groups]
-    return {"box": box, "obj": obj, "cls": cls, "total": total, "lr0": lrs[0], "lr1": lrs[1], "lr2": lrs[2]}
+    return {"box": box, "obj": obj, "cls": cls, "total": total, "lr0": lrs[0], "lr1": lrs[1], "lr2": lrs[2],
+            "stopped_at": stopped_at}

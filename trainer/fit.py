@@ -33,6 +33,7 @@ from trainer import distributed
 from trainer.amp import Precision, resolve_precision
 from trainer.checkpoint import save_checkpoint
 from trainer.config import ConfigError, Hyp, TrainOptions, load_hyp, save_yaml
+from trainer.data import image_cache
 from trainer.data import weights as iw
 from trainer.data.samplers import ImageSampler, LabelStats, loss_class_weights
 from trainer.data.config import DataConfig, load_data_config
@@ -45,6 +46,7 @@ from trainer.metrics.detection import fitness
 from trainer.models.pretrained import load_matching, read_weights
 from trainer.models.yolo import YoloModel, build_model, load_model_spec, summarise
 from trainer.optim import build_optimizer
+from trainer.preempt import Preempted, StopRequest
 from trainer.runlog import RunLogger
 from trainer.schedule import lr_factor, nominal_accumulate, scaled_weight_decay, warmup_iterations
 from trainer.state import TrainState, build_checkpoint, strip_for_inference
@@ -90,6 +92,7 @@ class Run:
     ctx: distributed.DistContext
     logger: RunLogger
     sync: RunSync | None = None     # rank 0 of an S3 run: mirrors run_dir to the store
+    stop: StopRequest | None = None  # SIGTERM/SIGINT (the CLI installs it; see trainer/preempt.py)
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -154,6 +157,21 @@ def build_model_for(opt: TrainOptions, names: list[str]) -> YoloModel:
     return model
 
 
+def cache_images(mode: str, datasets: tuple[YoloDataset, ...], ctx: distributed.DistContext, threads: int) -> bool:
+    """Decode the splits into RAM when --cache asks (see trainer/data/image_cache.py). It runs before the
+    DataLoaders start their workers, which then share the cached pages."""
+    decision = image_cache.decide(mode, sum(d.cache_bytes() for d in datasets), ctx.local_world_size)
+    if decision.cache:
+        t0 = time.perf_counter()
+        for d in datasets:
+            d.cache_images(threads)
+        if ctx.is_main:
+            log.info("%s; cached in %.1f s", decision.reason, time.perf_counter() - t0)
+    elif ctx.is_main and mode != "off":
+        log.warning("%s", decision.reason)
+    return decision.cache
+
+
 def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx: distributed.DistContext,
                  device: torch.device) -> tuple[YoloDataset, DataLoader, DataLoader | None]:
     batch = opt.batch_size // ctx.world_size
@@ -174,7 +192,7 @@ def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx
     val_set = YoloDataset.from_config(data, "val", img_size=opt.imgsz, batch_size=batch * 2, augment=False,
                                       rect=True, stride=stride, pad=0.5, workers=scan_threads)
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=YoloDataset.collate_fn,
-                  persistent_workers=workers > 0)
+                  worker_init_fn=seed_worker, persistent_workers=workers > 0)
     if ctx.distributed:  # every rank validates whole batches of its share (see trainer/validate.py)
         shard = ShardedBatches(len(val_set), batch * 2, ctx.rank, ctx.world_size)
         val_loader = DataLoader(val_set, batch_sampler=shard, **common)
@@ -183,6 +201,7 @@ def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx
     if ctx.is_main:
         log.info("%s", train_set.report.summary())
         log.info("%s", val_set.report.summary())
+    cache_images(opt.cache, (train_set, val_set), ctx, scan_threads)
     return train_set, train_loader, val_loader
 
 
@@ -316,10 +335,15 @@ def epoch_indices(sampler: ImageSampler, maps: np.ndarray, seed: int, epoch: int
 
 
 def weight_images(run: Run, epoch: int) -> None:
-    """Hand the epoch's draw to the loader's sampler, set the class loss weights; record both (rank 0)."""
-    maps = run.state.maps
-    draw = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
-    run.train_loader.sampler.set_epoch(epoch, draw)
+    """Hand the epoch's draw to the loader's sampler, set the class loss weights; record both (rank 0).
+    A stopped epoch (state.images_done > 0) keeps the list it was drawn with and skips what it trained."""
+    maps, state = run.state.maps, run.state
+    if state.images_done and state.draw is not None:
+        draw = distributed.broadcast_tensor(torch.from_numpy(state.draw), src=0).numpy()
+    else:
+        draw = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
+    run.train_loader.sampler.set_epoch(epoch, draw, skip=state.images_done)
+    state.draw = draw
     record: dict[str, Any] = {"epoch": epoch, "sampler": run.sampler.kind, "names": run.names,
                               "maps": [round(float(m), 6) for m in maps]}
     if run.opt.cls_feedback:
@@ -336,9 +360,10 @@ def weight_images(run: Run, epoch: int) -> None:
 
 
 def epoch_plan(run: Run, epoch: int) -> EpochPlan:
-    opt, hyp = run.opt, run.hyp
-    nb = len(run.train_loader)
+    opt, hyp, state = run.opt, run.hyp, run.state
+    nb = run.train_loader.sampler.batches_per_epoch()  # the whole epoch's, also when resuming inside it
     return EpochPlan(
+        start_batch=state.images_done // opt.batch_size, start_mloss=tuple(state.epoch_mloss),
         epoch=epoch, epochs=opt.epochs, batches=nb, warmup_iters=warmup_iterations(hyp.warmup_epochs, nb),
         total_batch_size=opt.batch_size, nbs=opt.nbs, imgsz=opt.imgsz, stride=max(int(unwrap(run.model).stride.max()), 32),
         multi_scale=opt.multi_scale, world_size=run.ctx.world_size, warmup_bias_lr=hyp.warmup_bias_lr,
@@ -384,14 +409,21 @@ def run_epochs(run: Run) -> TrainResult:
     stopped_early = False
     start = state.epoch
     for epoch in range(start, stop):
+        if run.stop is not None and run.stop.agreed():  # a signal before this epoch began
+            stop_between_epochs(run, epoch)
         weight_images(run, epoch)
         # Shuffling, augmentation and multi-scale sizes are functions of (seed, epoch): resumable.
         rng = random.Random(f"{opt.seed}-{epoch}-multiscale")
         started = time.perf_counter()
+        plan = epoch_plan(run, epoch)
         train_stats = train_one_epoch(run.model, run.loss_fn, run.optimizer, run.scaler, run.ema, run.train_loader,
-                                      epoch_plan(run, epoch), counter, run.precision, run.device, rng, run.logger)
+                                      plan, counter, run.precision, run.device, rng, run.logger, run.stop)
         train_stats["train_s"] = time.perf_counter() - started
         state.last_opt_step, state.accumulate = counter.last_opt_step, counter.accumulate
+        stopped_at = train_stats.pop("stopped_at")
+        if stopped_at >= 0:
+            stop_inside_epoch(run, plan, stopped_at, train_stats)
+        state.finish_epoch()
         metrics = validate_epoch(run, epoch)
         state.epoch = epoch + 1
         stop_now = is_best = False
@@ -417,6 +449,38 @@ def run_epochs(run: Run) -> TrainResult:
                        run.sync.uri if run.sync is not None else "")
 
 
+def stop_inside_epoch(run: Run, plan: EpochPlan, done: int, stats: dict[str, Any]) -> None:
+    """Save where a signal stopped the epoch (`done` batches trained, rank 0), then raise Preempted
+    on every rank."""
+    state, stop = run.state, run.stop
+    state.images_done = done * run.opt.batch_size  # over all ranks
+    state.epoch_mloss = (stats["box"], stats["obj"], stats["cls"], stats["total"])
+    where = f"in epoch {plan.epoch} ({done} of {plan.batches} batches trained)"
+    if run.ctx.is_main:
+        save_epoch(run, {}, is_best=False)
+        if run.sync is not None:
+            run.sync.push()
+    distributed.barrier()
+    raise Preempted(stop.signum, preempted_message(run, where))
+
+
+def stop_between_epochs(run: Run, epoch: int) -> None:
+    """A signal arrived between epochs (or before the first): last.pt already holds every finished
+    epoch, so there is nothing more to save."""
+    distributed.barrier()
+    raise Preempted(run.stop.signum, preempted_message(run, f"before epoch {epoch}"))
+
+
+def preempted_message(run: Run, where: str) -> str:
+    last = run.run_dir / "weights" / "last.pt"
+    if not run.ctx.is_main:
+        return f"rank {run.ctx.rank}: stopped by {run.stop.name} {where}"
+    if not last.exists():
+        return f"stopped by {run.stop.name} {where}: nothing trained yet, so no checkpoint"
+    uri = f"{run.sync.uri}/weights/last.pt" if run.sync is not None else str(last)
+    return f"stopped by {run.stop.name} {where}; resume with: python -m trainer.train --resume {uri}"
+
+
 def finish(run: Run) -> None:
     """At the end of the full schedule best.pt loses its optimizer state (it is for inference)."""
     if not run.ctx.is_main:
@@ -428,14 +492,18 @@ def finish(run: Run) -> None:
         save_checkpoint(strip_for_inference(load_checkpoint(best)), best)
 
 
-def fit(opt: TrainOptions, local_rank: int | None = None, resume: dict[str, Any] | None = None) -> TrainResult:
-    """Run training as this process's part of the job (world size from the torchrun environment)."""
+def fit(opt: TrainOptions, local_rank: int | None = None, resume: dict[str, Any] | None = None,
+        stop: StopRequest | None = None) -> TrainResult:
+    """Run training as this process's part of the job (world size from the torchrun environment).
+    With `stop` (installed by the CLI), SIGTERM/SIGINT end it with a resumable checkpoint by raising
+    Preempted (trainer/preempt.py)."""
     ctx = distributed.env_context(local_rank)
     device = distributed.select_device(opt.device, ctx.local_rank)
     ctx = distributed.init_distributed(ctx, device, timeout_s=opt.dist_timeout)
     run = None
     try:
         run = setup(opt, ctx, device, resume)
+        run.stop = stop
         result = run_epochs(run)
         finish(run)
     finally:

@@ -47,14 +47,15 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir))
 
     # progress -------------------------------------------------------------------------------
-    def progress(self, loader: Iterable, total: int) -> Iterable:
-        """Wrap the batch iterator in a tqdm bar on the main process."""
+    def progress(self, loader: Iterable, total: int, initial: int = 0) -> Iterable:
+        """Wrap the batch iterator in a tqdm bar on the main process (`initial`: batches already
+        trained before a resume)."""
         if not self.enabled:
             return loader
         log.info(("\n" + "%10s" * len(TRAIN_HEADER)) % TRAIN_HEADER)
         # In pod logs and CI (no terminal) a redraw per batch floods the log; update twice a minute.
         interval = 0.1 if sys.stderr.isatty() else 30.0
-        return tqdm(loader, total=total, bar_format="{l_bar}{bar:10}{r_bar}", mininterval=interval)
+        return tqdm(loader, total=total, initial=initial, bar_format="{l_bar}{bar:10}{r_bar}", mininterval=interval)
 
     def batch(self, bar: Any, epoch: int, epochs: int, mloss: torch.Tensor, n_targets: int, img_size: int,
               device: torch.device) -> None:

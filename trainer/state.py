@@ -26,17 +26,31 @@ class TrainState:
     maps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (nc,) AP@.5:.95 per class
     last_opt_step: int = -1
     accumulate: int = 1
+    # A run stopped inside `epoch` (trainer/preempt.py): the epoch's drawn image list, how many of
+    # its items were trained over all ranks, and their running mean losses. images_done 0 = none.
+    images_done: int = 0
+    draw: np.ndarray | None = None
+    epoch_mloss: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "best_fitness": float(self.best_fitness), "best_epoch": self.best_epoch,
                 "maps": [float(m) for m in self.maps], "last_opt_step": self.last_opt_step,
-                "accumulate": self.accumulate}
+                "accumulate": self.accumulate, "images_done": self.images_done,
+                "draw": torch.from_numpy(np.asarray(self.draw, dtype=np.int64)) if self.draw is not None else None,
+                "epoch_mloss": [float(v) for v in self.epoch_mloss]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        draw = d.get("draw")
         return cls(epoch=int(d["epoch"]), best_fitness=float(d["best_fitness"]), best_epoch=int(d["best_epoch"]),
                    maps=np.asarray(d["maps"], dtype=np.float64), last_opt_step=int(d["last_opt_step"]),
-                   accumulate=int(d["accumulate"]))
+                   accumulate=int(d["accumulate"]), images_done=int(d.get("images_done", 0)),
+                   draw=draw.numpy().astype(np.int64) if draw is not None else None,
+                   epoch_mloss=tuple(float(v) for v in d.get("epoch_mloss", (0.0,) * 4)))
+
+    def finish_epoch(self) -> None:
+        """The epoch in progress is complete: nothing of it is left to resume."""
+        self.images_done, self.draw, self.epoch_mloss = 0, None, (0.0, 0.0, 0.0, 0.0)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -76,7 +90,7 @@ def build_checkpoint(*, ema_model: torch.nn.Module, raw_model: torch.nn.Module, 
         "format": CHECKPOINT_FORMAT,
         "version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "epoch": state.epoch - 1,  # last completed epoch
+        "epoch": state.epoch - 1,  # last completed epoch (train_state.images_done > 0: part of the next one too)
         "model": {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()},
         "raw_model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()},
         "ema_updates": ema_updates,

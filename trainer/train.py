@@ -36,6 +36,7 @@ from trainer.data.labels import DatasetError
 from trainer.engine import NonFiniteLossError
 from trainer.models.foreign_pickle import UnsafePickleError
 from trainer.models.yolo import ModelConfigError
+from trainer.preempt import DEFAULT_GRACE_S, Preempted, StopRequest, exit_code
 from trainer.storage import StorageError, is_s3
 from trainer.storage_sync import fetch_run
 
@@ -43,7 +44,7 @@ log = logging.getLogger("trainer")
 
 # Options a resumed run may change; anything else must match the checkpoint.
 RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout",
-                  "class_weights", "val_every", "memory_format"}
+                  "class_weights", "val_every", "memory_format", "cache", "grace_period"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="resume a run from its last.pt, local or s3:// (default: the newest local run)")
     a("--device", help="cpu, a CUDA index like 0, or empty for auto")
     a("--workers", type=int, help="max dataloader workers per rank (default 8; capped by the CPUs available)")
+    a("--cache", choices=["auto", "ram", "off"],
+      help="keep the decoded, resized images in RAM instead of decoding them every epoch (default auto: when "
+      "train and val fit in a quarter of the memory available to the rank, cgroup limits included)")
     a("--project", help="parent folder of runs, local or s3://bucket/prefix (default runs/train)")
     a("--name", help="run name; runs/train/NAME, NAME2, ... (default exp)")
     a("--exist-ok", action="store_const", const=True, help="reuse project/name instead of incrementing")
@@ -97,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--class-weights", help="class_weights.json ({'class_weights': [...]}); default: inverse label frequency")
     a("--deterministic", action="store_const", const=True, help="deterministic algorithms (slower)")
     a("--dist-timeout", type=float, help="seconds a rank waits for its peers before failing (default 1800)")
+    a("--grace-period", type=float,
+      help="seconds from SIGTERM/SIGINT to a saved, resumable exit: the step in progress finishes, last.pt "
+      "records the position in the epoch, the exit code is 128 + the signal (default 25, under a pod's 30)")
+    a("--auto-resume", action="store_true", default=None,
+      help="if project/name already holds weights/last.pt of this run, resume from it instead of starting "
+      "over (what a restarted pod or torchrun --max-restarts needs); implies --exist-ok")
     a("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -108,11 +118,35 @@ def latest_checkpoint(search: Path = Path("runs")) -> Path:
     return found[-1]
 
 
+class NothingToDo(Exception):
+    """--auto-resume found the run already trained as far as it was asked."""
+
+
+def existing_checkpoint(project: str, name: str) -> str:
+    """project/name/weights/last.pt if it exists (local or S3), else ""."""
+    if is_s3(project):
+        from trainer.storage import Storage
+
+        uri = f"{project.rstrip('/')}/{name}/weights/last.pt"
+        return uri if Storage.from_env().exists(uri) else ""
+    path = Path(project) / name / "weights" / "last.pt"
+    return str(path) if path.is_file() else ""
+
+
 def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, dict[str, Any] | None]:
     """Flags -> TrainOptions; for --resume, the checkpoint's options with the allowed changes."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "local_rank"}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("local_rank", "auto_resume")}
     if "hyp_override" in given:
         given["hyp_overrides"] = tuple(sorted(parse_overrides(given.pop("hyp_override")).items()))
+    auto = bool(args.auto_resume) and "resume" not in given
+    if auto:
+        given["exist_ok"] = True
+        fresh = TrainOptions(**given)  # checks the flags before looking for a checkpoint
+        found = existing_checkpoint(fresh.project, fresh.name)
+        if not found:
+            return fresh, None
+        log.info("--auto-resume: resuming from %s", found)
+        given["resume"] = found
     if "resume" not in given:
         return TrainOptions(**given), None
     if is_s3(given["resume"]):  # the run folder comes down into its staging folder first
@@ -134,7 +168,11 @@ def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, dict[str,
                    exist_ok=True)
     if "stop_epoch" not in given:
         changes["stop_epoch"] = 0
-    if ckpt["train_state"]["epoch"] >= saved.epochs:
+    done = ckpt["train_state"]["epoch"]
+    if auto and done >= (changes.get("stop_epoch") or saved.epochs):
+        raise NothingToDo(f"--auto-resume: {path} has already trained {done} epochs of {saved.epochs}; "
+                          "nothing left to do")
+    if done >= saved.epochs:
         raise ConfigError(f"--resume {path}: the run already finished all {saved.epochs} epochs")
     return saved.replace(**changes), ckpt
 
@@ -143,17 +181,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     is_main = distributed.env_context(args.local_rank).is_main
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s", force=True)
-    from trainer.fit import fit  # heavy imports after argument errors have had their chance
+    # From here SIGTERM/SIGINT ask for a graceful stop instead of killing the process mid-write.
+    stop = StopRequest(args.grace_period if args.grace_period and args.grace_period > 0 else DEFAULT_GRACE_S)
+    with stop:
+        from trainer.fit import fit  # heavy imports after argument errors have had their chance
 
-    try:
-        opt, ckpt = options_from_args(args)
-        result = fit(opt, args.local_rank, ckpt)
-    except (ConfigError, DataConfigError, DatasetError, CheckpointError, ModelConfigError, UnsafePickleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, distributed.DistributedError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        try:
+            opt, ckpt = options_from_args(args)
+            stop.grace_s = opt.grace_period
+            result = fit(opt, args.local_rank, ckpt, stop=stop)
+        except NothingToDo as e:
+            log.info("%s", e)
+            return 0
+        except Preempted as e:
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+        except (ConfigError, DataConfigError, DatasetError, CheckpointError, ModelConfigError,
+                UnsafePickleError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (NonFiniteLossError, distributed.DistributedError, StorageError) as e:
+            if stop.requested:  # a collective broke because a peer stopped first
+                print(f"stopped by {stop.name}: {e}", file=sys.stderr)
+                return exit_code(stop.signum)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if stop.requested and is_main:
+            log.info("%s arrived after the last epoch was saved: the run is complete", stop.name)
     if is_main:
         where = f"{result.remote_dir} (staged in {result.run_dir})" if result.remote_dir else result.run_dir
         log.info("%d epochs trained%s; best fitness %.4f; results in %s", result.epochs_trained,

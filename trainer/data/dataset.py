@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset, get_worker_info
 from trainer.data import augment as aug
 from trainer.data.config import DataConfig, resolve_split
 from trainer.data.epoch_sampler import PARTNERS, Sample
+from trainer.data.image_cache import ImageCache, estimate_bytes, resized_hw
 from trainer.data.labels import DatasetError, DatasetReport, LabelEntry, report_for_entries, scan_split
 
 # YOLOv5 hyp.scratch augmentation defaults; keys missing from `hyp` fall back to these.
@@ -89,6 +91,7 @@ class YoloDataset(Dataset):
         self.seed = seed
         self._rng: np.random.Generator = np.random.default_rng(seed)
         self._rng_owner = None  # (worker id, worker seed) the generator was seeded for
+        self.cache: ImageCache | None = None  # see cache_images()
         self._set_entries(entries)
         self.batch_shapes: np.ndarray | None = None
         self.batch_index: np.ndarray | None = None
@@ -157,23 +160,39 @@ class YoloDataset(Dataset):
     # ------------------------------------------------------------ loading
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-        """Read image i (dataset order) as BGR, long side resized to img_size → (img, (h0, w0), (h, w))."""
+        """Image i (dataset order) as BGR, long side resized to img_size → (img, (h0, w0), (h, w)).
+        A copy from the RAM cache when there is one (cache_images), otherwise read from its file."""
+        if self.cache is not None:
+            return self.cache.get(i)
+        return self._read_image(i)
+
+    def _read_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
         path = self.img_files[i]
         img = cv2.imread(path, cv2.IMREAD_COLOR)
         if img is None:
             raise DatasetError(f"{path}: image became unreadable after the dataset was scanned")
         h0, w0 = img.shape[:2]
-        r = self.img_size / max(h0, w0)
-        if r != 1:
+        h, w = resized_hw(h0, w0, self.img_size)
+        if (h, w) != (h0, w0):
             # INTER_AREA gives the least aliasing when shrinking for evaluation; training uses the
             # faster INTER_LINEAR since augmentation resamples anyway.
-            interp = cv2.INTER_AREA if r < 1 and not self.augment else cv2.INTER_LINEAR
             # The short side rounds *up*, as YOLOv5 does: the official weights' published scores come
             # from that pixel grid (rounding to nearest cost 0.005 AP at 480 px on COCO val images,
             # bench/bench_vs_yolov5.py). The long side is img_size exactly.
-            size = tuple(min(self.img_size, max(1, math.ceil(v * r - 1e-9))) for v in (w0, h0))
-            img = cv2.resize(img, size, interpolation=interp)
+            interp = cv2.INTER_AREA if max(h, w) < max(h0, w0) and not self.augment else cv2.INTER_LINEAR
+            img = cv2.resize(img, (w, h), interpolation=interp)
         return img, (h0, w0), img.shape[:2]
+
+    def cache_bytes(self) -> int:
+        """Estimated RAM of cache_images(), from the sizes the scan recorded."""
+        return estimate_bytes(self.shapes, self.img_size)
+
+    def cache_images(self, threads: int = 1) -> ImageCache:
+        """Decode and resize every image once into RAM; later load_image calls copy from there. Call it
+        in the main process before a DataLoader forks its workers, which then share the pages."""
+        if self.cache is None:
+            self.cache = ImageCache.build(self._read_image, self.n, threads)
+        return self.cache
 
     def __getitem__(self, index: int | Sample):
         if isinstance(index, Sample):
@@ -239,7 +258,11 @@ class YoloDataset(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy's and Python's global RNGs from torch's worker seed."""
+    """DataLoader `worker_init_fn`: seed numpy's and Python's global RNGs from torch's worker seed.
+    Workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker that died of it
+    would fail the loader while the training process finishes its step and saves
+    (trainer/preempt.py). SIGTERM keeps its default: it is how the loader ends its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -52,29 +52,52 @@ class EpochSampler(Sampler[Sample]):
         self.rank, self.world_size, self.whole_batches = rank, world_size, whole_batches
         self.epoch = 0
         self.draw = np.arange(n, dtype=np.int64)
+        self.skip = 0
 
-    def set_epoch(self, epoch: int, draw: np.ndarray | None = None) -> None:
-        """The epoch to iterate next and its image list (default: every image once)."""
+    def set_epoch(self, epoch: int, draw: np.ndarray | None = None, skip: int = 0) -> None:
+        """The epoch to iterate next and its image list (default: every image once). `skip` leaves
+        out the epoch's first `skip` items over all ranks, the ones a stopped run already trained
+        (trainer/preempt.py); it must be a whole number of global batches."""
         if draw is not None:
             draw = np.asarray(draw, dtype=np.int64).reshape(-1)
             if len(draw) != self.n or (len(draw) and (draw.min() < 0 or draw.max() >= self.n)):
                 raise ValueError(f"the draw must hold {self.n} indices in [0, {self.n}), got {len(draw)}")
-        self.epoch = epoch
+        if skip < 0 or skip % (self.batch_size * self.world_size):
+            raise ValueError(f"skip {skip} must be a multiple of the global batch {self.batch_size * self.world_size}")
+        self.epoch, self.skip = epoch, skip
         self.draw = np.arange(self.n, dtype=np.int64) if draw is None else draw
 
-    def positions(self) -> np.ndarray:
-        """This rank's positions in the epoch's draw, in the order it trains on them."""
-        if self.whole_batches:
-            starts = np.arange(0, self.n, self.batch_size)
-            batches = [np.arange(s, min(s + self.batch_size, self.n)) for s in starts]
-            batches += batches[: (-len(batches)) % self.world_size]  # every rank gets as many batches
-            mine = batches[self.rank::self.world_size]
-            return np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    def global_batches(self) -> list[list[np.ndarray]]:
+        """The epoch's global batches in training order, each as its per-rank position arrays:
+        global batch k is the k-th batch of every rank. Which positions a global batch holds is the
+        same for any world size with the same global batch size, which lets a stopped epoch finish
+        at another world size."""
+        w = self.world_size
+        if self.whole_batches:  # rect: batch b goes to rank b % world_size
+            batches = [np.arange(s, min(s + self.batch_size, self.n)) for s in range(0, self.n, self.batch_size)]
+            batches += batches[: (-len(batches)) % w]  # every rank gets as many batches
+            return [batches[k:k + w] for k in range(0, len(batches), w)]
         order = (np.random.default_rng([self.seed, self.epoch, 0]).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
-        total = -(-self.n // self.world_size) * self.world_size
+        total = -(-self.n // w) * w
         order = np.resize(order, total)  # wrap around: every rank the same length
-        return order[self.rank::self.world_size]
+        step = self.batch_size * w
+        return [[order[k:k + step][r::w] for r in range(w)] for k in range(0, total, step)]  # interleaved
+
+    def positions(self, skip: int | None = None) -> np.ndarray:
+        """This rank's positions in the epoch's draw, in the order it trains on them, after the
+        first `skip` items over all ranks (default: the epoch's skip)."""
+        skip = self.skip if skip is None else skip
+        mine, done = [], 0
+        for batch in self.global_batches():
+            if done >= skip:
+                mine.append(batch[self.rank])
+            done += sum(len(b) for b in batch)
+        return np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+
+    def batches_per_epoch(self) -> int:
+        """Batches this rank trains in a whole epoch (skip ignored): the schedule counts these."""
+        return -(-len(self.positions(skip=0)) // self.batch_size)
 
     def __iter__(self) -> Iterator[Sample]:
         # Partners for every position at once, from a generator of their own: the same on every rank.
@@ -83,6 +106,6 @@ class EpochSampler(Sampler[Sample]):
             yield Sample(p, int(self.draw[p]), tuple(partners[p].tolist()), (self.seed, self.epoch, p))
 
     def __len__(self) -> int:
-        if not self.whole_batches:  # no permutation needed to count
+        if not self.whole_batches and not self.skip:  # no permutation needed to count
             return -(-self.n // self.world_size)
         return len(self.positions())
