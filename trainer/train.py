@@ -206,6 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return exit_code(stop.signum)
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except RuntimeError as e:
+            if not stop.requested:
+                raise
+            # torchrun ends the other ranks with SIGTERM when one dies; their collective then fails
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"stopped by {stop.name} while a collective failed (a peer rank left): {first[:300]}",
+                  file=sys.stderr)
+            return exit_code(stop.signum)
         if stop.requested and is_main:
             log.info("%s arrived after the last epoch was saved: the run is complete", stop.name)
     if is_main:
