@@ -2,7 +2,8 @@
 
 One real COCO128 batch (mosaic-augmented, so the loss has realistic targets) is trained on
 repeatedly; no loader, no EMA, no logging. Prints img/s per variant and each variant's gradient
-agreement with an fp64 reference (cosine similarity over all parameters, from the same weights):
+agreement with an fp64 reference (cosine similarity over all parameters, from the same weights),
+next to the cosine between the fp64 gradients of two different batches (SGD's own noise):
 
     python bench/bench_train_step.py                          # yolov5n at 320, batch 16, all variants
     python bench/bench_train_step.py --imgsz 640 --steps 5 --variants fp32 bf16
@@ -35,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO128 = ROOT.parent / "shared" / "datasets" / "coco128" / "coco128.yaml"
 
 
-def batch(imgsz: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(imgsz: int, size: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     data = load_data_config(COCO128)
     ds = YoloDataset.from_config(data, "train", img_size=imgsz, augment=True, hyp=Hyp().to_dict(), seed=0, workers=2)
-    imgs, targets, _, _ = YoloDataset.collate_fn([ds[i] for i in range(size)])
+    imgs, targets, _, _ = YoloDataset.collate_fn([ds[i] for i in range(first, first + size)])
     return imgs.float() / 255, targets
 
 
@@ -68,6 +69,11 @@ def main() -> int:
     ref = gradient(copy.deepcopy(base).double(), loss_fn, imgs.double(), targets, contextlib.nullcontext())
     print(f"yolov5n {'from ' + args.weights if args.weights else 'fresh'}, {args.imgsz} px, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
+    # The scale a precision's gradient error competes with: SGD's own noise, i.e. how far apart the
+    # exact gradients of two different batches point.
+    other_imgs, other_targets = batch(args.imgsz, args.batch_size, first=args.batch_size)
+    other = gradient(copy.deepcopy(base).double(), loss_fn, other_imgs.double(), other_targets, contextlib.nullcontext())
+    print(f"fp64 gradients of two different batches: cosine {float(torch.nn.functional.cosine_similarity(ref, other, dim=0)):.4f}")
     for variant in args.variants:
         dtype = torch.bfloat16 if variant.startswith("bf16") else None
         precision = Precision("cpu", dtype)

@@ -119,7 +119,7 @@ class StopAfter(StopRequest):
 
 
 def _results(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "train_s"} for r in csv.DictReader((run / "results.csv").open())]
+    return [{k: v for k, v in r.items() if k not in ("train_s", "val_s")} for r in csv.DictReader((run / "results.csv").open())]
 
 
 def _assert_same_run(a: Path, b: Path) -> dict:

@@ -50,9 +50,9 @@ def _write_image(path: Path, w: int, h: int, seed: int, noise: bool = False) -> 
 def make_run(root: Path, weighting: bool = True, images: bool = True, opt: bool = True) -> Path:
     run = root / "run"
     run.mkdir(parents=True)
-    header = "epoch,box,obj,cls,total,precision,recall,map50,map,val_box,val_obj,val_cls,lr0,lr1,lr2,train_s"
+    header = "epoch,box,obj,cls,total,precision,recall,map50,map,val_box,val_obj,val_cls,lr0,lr1,lr2,train_s,val_s"
     rows = [f"{e},{0.1 - e / 100},{0.02},{0.03},{0.15 - e / 100},0.4,0.2,{0.3 + e / 20},{0.2 + e / 40},"
-            f"0.09,0.01,0.02,0.01,0.01,0.01,1.5" for e in range(4)]
+            f"0.09,0.01,0.02,0.01,0.01,0.01,1.5,0.4" for e in range(4)]
     (run / "results.csv").write_text("\n".join([header, *rows]) + "\n")
     if opt:
         (run / "opt.yaml").write_text("cfg: yolov5n\ndata: d.yaml\nimgsz: 64\nepochs: 4\nbatch_size: 8\n"

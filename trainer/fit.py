@@ -424,7 +424,9 @@ def run_epochs(run: Run) -> TrainResult:
         if stopped_at >= 0:
             stop_inside_epoch(run, plan, stopped_at, train_stats)
         state.finish_epoch()
+        started = time.perf_counter()
         metrics = validate_epoch(run, epoch)
+        train_stats["val_s"] = time.perf_counter() - started if metrics else 0.0
         state.epoch = epoch + 1
         stop_now = is_best = False
         if metrics:  # on every rank: the maps steer the next draw and the class loss weights

@@ -23,7 +23,7 @@ log = logging.getLogger("trainer")
 
 TRAIN_HEADER = ("Epoch", "gpu_mem", "box", "obj", "cls", "total", "targets", "img_size")
 CSV_COLUMNS = ("epoch", "box", "obj", "cls", "total", "precision", "recall", "map50", "map",
-               "val_box", "val_obj", "val_cls", "lr0", "lr1", "lr2", "train_s")
+               "val_box", "val_obj", "val_cls", "lr0", "lr1", "lr2", "train_s", "val_s")
 PLOTTED_BATCHES = 3
 
 
@@ -147,6 +147,8 @@ class RunLogger:
 def _tb_tag(key: str) -> str:
     if key in ("box", "obj", "cls", "total"):
         return f"train/{key}_loss"
+    if key == "val_s":
+        return "time/val_epoch_s"
     if key.startswith("val_"):
         return f"val/{key[4:]}_loss"
     if key.startswith("lr"):
