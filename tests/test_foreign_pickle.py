@@ -183,3 +183,29 @@ def test_read_weights_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00not a checkpoint")
     with pytest.raises(CheckpointError, match=f"{bad}.*neither a kfyolo checkpoint"):
         read_weights(bad)
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_in_one_short_line(tmp_path: Path) -> None:
+    """Both loaders refuse it without running it, say why in one line, and never suggest unsafe loading."""
+    from trainer.checkpoint import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Evil(str(marker)), "spec": {}, "names": []}, evil)
+    for load in (read_weights, load_checkpoint):
+        with pytest.raises(CheckpointError) as e:
+            load(evil)
+        text = str(e.value)
+        assert "\n" not in text and len(text) - len(str(evil)) < 200, text
+        assert "refused" in text and "system" in text and "weights_only" not in text
+    assert not marker.exists()

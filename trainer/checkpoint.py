@@ -7,6 +7,8 @@ state, the run's hyp/opt, model spec and class names, epoch, best fitness, maps 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,13 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def refused_global(e: BaseException) -> str:
+    """The global a weights_only load refused, from torch's long message, in a few words."""
+    m = re.search(r"GLOBAL ([\w.]+)|global '([\w.]+)'", str(e))
+    return (f"it references {m.group(1) or m.group(2)}, which would run on load" if m
+            else "it holds pickled objects that would run code")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a kfyolo checkpoint with `weights_only=True` (no pickled code can run)."""
     path = Path(path)
@@ -47,9 +56,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: code would have run
+        raise CheckpointError(f"{path}: refused, {refused_global(e)}; kfyolo never executes code from a "
+                              "checkpoint. An ultralytics .pt can be imported with --weights") from None
     except Exception as e:  # torch raises several types for truncated/foreign files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}). If it is an "
-                              "ultralytics .pt file, pass it as --weights to import it.") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a kfyolo checkpoint (needs keys {list(REQUIRED_KEYS)})")
     return ckpt

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import CheckpointError, load_checkpoint, refused_global
 from trainer.models.foreign_pickle import read_ultralytics_checkpoint
 from trainer.models.yolo import ModelConfigError, YoloModel, build_model, load_model_spec
 
@@ -55,9 +55,13 @@ def read_weights(path: str | Path) -> SourceWeights:
     except CheckpointError as kfyolo_error:
         try:
             foreign = read_ultralytics_checkpoint(path)
-        except (pickle.UnpicklingError, ValueError) as e:
-            raise CheckpointError(f"--weights {path}: neither a kfyolo checkpoint ({kfyolo_error}) "
-                                  f"nor a readable ultralytics checkpoint ({e})") from e
+        except pickle.UnpicklingError as e:  # the allow-list refused a global: code would have run
+            raise CheckpointError(f"--weights {path}: refused, {refused_global(e)}; kfyolo never executes code "
+                                  "from a weights file") from None
+        except ValueError as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"--weights {path}: neither a kfyolo checkpoint nor a readable ultralytics "
+                                  f"checkpoint ({first})") from None
         state = {k: v.float() if v.is_floating_point() else v for k, v in foreign.state_dict.items()}
         return SourceWeights(state, foreign.names, foreign.yaml, "ultralytics", str(path))
 
