@@ -6,9 +6,11 @@ state, the run's hyp/opt, model spec and class names, epoch, best fitness, maps 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,10 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
@@ -36,10 +41,30 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary readable files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
+            raise CheckpointError(write_failure(path, e)) from None
         raise
     return path
+
+
+def write_failure(path: Path, e: BaseException) -> str:
+    """One line for a failed write: the path, and the cause torch buries in its chained errors."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left on device" in str(err):
+            try:
+                free = f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MB free)"
+            except OSError:
+                free = ""
+            return f"cannot write {path}: no space left on device{free}; any previous {path.name} is intact"
+    oserr = next((err for err in chain if isinstance(err, OSError)), None)
+    cause = oserr.strerror if oserr is not None and oserr.strerror else (str(e).strip().splitlines() or [""])[0][:200]
+    return f"cannot write {path}: {cause}; any previous {path.name} is intact"
 
 
 def refused_global(e: BaseException) -> str:

@@ -116,6 +116,21 @@ def choose_run_dir(opt: TrainOptions, resuming: bool) -> Path:
     return Path(opt.project) / opt.name if resuming else next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
 
 
+def writable_run_dir(opt: TrainOptions, resuming: bool) -> Path:
+    """choose_run_dir, checked writable before any work (a read-only --project used to fail in
+    TensorBoard's makedirs after the data scan)."""
+    run_dir = choose_run_dir(opt, resuming)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".kfyolo-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--project {opt.project}: cannot write the run folder {run_dir} "
+                          f"({e.strerror or e})") from None
+    return run_dir
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -258,7 +273,7 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
     if opt.imgsz % stride:
         raise ConfigError(f"--imgsz {opt.imgsz} must be a multiple of the model's max stride {stride}")
 
-    chosen = str(choose_run_dir(opt, resuming=resume is not None)) if ctx.is_main else ""
+    chosen = str(writable_run_dir(opt, resume is not None)) if ctx.is_main else ""
     run_dir = Path(distributed.broadcast_object(chosen))
     sync = None
     if ctx.is_main and is_s3(opt.project):
