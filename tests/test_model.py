@@ -262,3 +262,28 @@ def test_names_must_match_nc() -> None:
         build_model("yolov5n", nc=3, names=["a", "b"])
     model = build_model("yolov5n", names=["cat", "dog"])
     assert model.nc == 2 and model.detect.m[0].out_channels == 3 * 7
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ("nc: 3\nbackbone: [[-1, 1, Conv, [16, 3]]\nhead: x\n", ":3:", "expected ',' or ']'"),
+    ('nc: !!python/object/apply:os.system ["echo hi"]\n', ":1:", "python/object/apply:os.system"),
+    ("- just\n- a list\n", "", "must be a mapping"),
+])
+def test_a_broken_cfg_yaml_names_the_file_and_line(tmp_path: Path, text: str, where: str, what: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ModelConfigError) as e:
+        load_model_spec(bad)
+    assert str(e.value).startswith(f"{bad}{where}") and what in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "export_weights", "report"])
+def test_every_cli_has_a_version_flag(module: str) -> None:
+    import subprocess
+    import sys
+
+    from trainer import __version__
+
+    out = subprocess.run([sys.executable, "-m", f"trainer.{module}", "--version"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"kfyolo {__version__}"

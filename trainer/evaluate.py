@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from trainer import __version__
 from trainer import plots
 from trainer.amp import resolve_precision
 from trainer.checkpoint import CheckpointError
@@ -172,6 +173,7 @@ def print_table(m: dict[str, Any], names: list[str], n_images: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"kfyolo {__version__}")
     a = p.add_argument
     a("--data", required=True, help="data YAML")
     a("--weights", required=True, help="kfyolo checkpoint or ultralytics YOLOv5 .pt")

@@ -44,6 +44,7 @@ def export(weights: str | Path, out: str | Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export_weights", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"kfyolo {__version__}")
     p.add_argument("--weights", required=True, help="ultralytics YOLOv5 .pt or kfyolo checkpoint")
     p.add_argument("--out", required=True, help="where to write the kfyolo checkpoint")
     args = p.parse_args(argv)

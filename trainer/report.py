@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
+from trainer import __version__
 from trainer import report_charts as page
 
 log = logging.getLogger("trainer")
@@ -289,10 +290,11 @@ def study_baseline(path: Path, names: Sequence[str], variant: str = "uniform") -
 
 def build_report(run_dir: Path, evaluations: Sequence[Path], out_html: Path, title: str = "kfyolo run report",
                  epochs_per_block: int | None = None, dataset_report: dict | None = None,
-                 study: Path | None = None) -> ReportSummary:
+                 study: Path | None = None, predictions: Path | None = None) -> ReportSummary:
     """Write the self-contained HTML report for a run and its per-block evaluations; return the summary.
     With `study` (a study.json of bench/study_sampling.py) the uniform sampler's per-class AP from
-    the study stands beside the run's."""
+    the study stands beside the run's. With `predictions` (a `trainer.predict` output folder, e.g.
+    the pipeline's export step's) its first annotated images are shown."""
     if epochs_per_block is not None and epochs_per_block < 1:
         raise ReportError(f"epochs_per_block must be >= 1, got {epochs_per_block}")
     run = load_run(Path(run_dir))
@@ -307,6 +309,7 @@ def build_report(run_dir: Path, evaluations: Sequence[Path], out_html: Path, tit
         summary=summary, run=run, evals=tuple(evals), counts=counts, counts_source=counts_source,
         per_block=per_block, per_block_inferred=inferred, dataset=dataset,
         baseline=study_baseline(Path(study), names) if study else None,
+        predicted=predicted_images(Path(predictions)) if predictions else None,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +318,15 @@ def build_report(run_dir: Path, evaluations: Sequence[Path], out_html: Path, tit
     if size > 1_500_000:
         log.warning("%s: report is %.1f MB; pictures may be large", out_html, size / 1e6)
     return replace(summary, html=str(out_html), html_bytes=size)
+
+
+def predicted_images(folder: Path, limit: int = 4) -> tuple[Path, ...]:
+    """The first annotated images of a predict output folder (its labels/ and JSON are not pictures)."""
+    if not folder.is_dir():
+        log.warning("%s: no predictions folder; no exported-model predictions shown", folder)
+        return ()
+    pictures = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return tuple(pictures[:limit])
 
 
 def _md(x: float, pct: bool = False) -> str:
@@ -350,6 +362,7 @@ def build_markdown(summary: ReportSummary) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"kfyolo {__version__}")
     p.add_argument("--run", required=True, type=Path, help="training run folder")
     p.add_argument("--eval", dest="evals", action="append", default=[], type=Path,
                    help="evaluation folder of one block, in block order (repeat)")
@@ -360,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown summary here")
     p.add_argument("--study", type=Path, default=None,
                    help="study.json of bench/study_sampling.py: show its uniform baseline beside the run")
+    p.add_argument("--predictions", type=Path, default=None,
+                   help="a trainer.predict output folder (e.g. of the exported model): show its first images")
     return p
 
 
@@ -371,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dataset is not None:
             _splits(dataset, str(args.dataset_report))  # name the file, not the argument, on bad structure
         summary = build_report(args.run, args.evals, args.out, args.title, args.epochs_per_block, dataset,
-                               args.study)
+                               args.study, args.predictions)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainer import __version__
 from trainer import distributed
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.config import ConfigError, TrainOptions, parse_overrides
@@ -50,6 +51,7 @@ RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resum
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
+    p.add_argument("--version", action="version", version=f"kfyolo {__version__}")
     a = p.add_argument
     a("--data", help="data YAML (path/train/val/names), local or s3://bucket/prefix/data.yaml")
     a("--cfg", help="model: yolov5n|s|m|l|x or an architecture YAML (default: the --weights architecture, else yolov5n)")
@@ -218,8 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("%s arrived after the last epoch was saved: the run is complete", stop.name)
     if is_main:
         where = f"{result.remote_dir} (staged in {result.run_dir})" if result.remote_dir else result.run_dir
-        log.info("%d epochs trained%s; best fitness %.4f; results in %s", result.epochs_trained,
-                 " (early stop)" if result.stopped_early else "", result.best_fitness, where)
+        log.info("%d epoch%s trained%s; best fitness %.4f; results in %s", result.epochs_trained,
+                 "" if result.epochs_trained == 1 else "s", " (early stop)" if result.stopped_early else "",
+                 result.best_fitness, where)
     return 0
 
 

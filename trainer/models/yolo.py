@@ -131,7 +131,16 @@ def load_model_spec(cfg: str | Path | dict, nc: int | None = None) -> ModelSpec:
             text, origin = path.read_text(), str(path)
         else:
             raise ModelConfigError(f"model cfg {cfg!s} is neither a file nor one of {builtin_model_names()}")
-        spec = model_spec_from_dict(yaml.safe_load(text), name=stem, origin=origin)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object that safe_load refuses
+            mark = getattr(e, "problem_mark", None)
+            where = f"{origin}:{mark.line + 1}" if mark is not None else origin
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ModelConfigError(f"{where}: not a valid model YAML ({what})") from None
+        if not isinstance(raw, dict):
+            raise ModelConfigError(f"{origin}: a model YAML must be a mapping (backbone, head, nc, ...)")
+        spec = model_spec_from_dict(raw, name=stem, origin=origin)
     return spec.with_nc(nc) if nc is not None and nc != spec.nc else spec
 
 
