@@ -79,6 +79,22 @@ def test_initial_maps_validation(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         initial_maps(str(p), names, np.zeros(2))
     assert initial_maps("", names, np.ones(2)).tolist() == [1, 1]
+    p.write_text(json.dumps({"names": ["a", "b"], "maps": [0.25, 0.75]}))  # its names match: accepted
+    assert initial_maps(str(p), names, np.zeros(2)).tolist() == [0.25, 0.75]
+    p.write_text(json.dumps({"names": ["a", "zebra"], "maps": [0.25, 0.75]}))  # another dataset's, same count
+    with pytest.raises(ConfigError, match="its classes are not this dataset's \\(class 1 is 'zebra' there, 'b' here\\)"):
+        initial_maps(str(p), names, np.zeros(2))
+
+
+def test_class_weights_file_names_are_checked(tmp_path):
+    from trainer.fit import run_class_weights
+
+    p = tmp_path / "class_weights.json"
+    p.write_text(json.dumps({"names": ["a", "b"], "class_weights": [1.0, 3.0]}))
+    assert run_class_weights(str(p), [], 2, ["a", "b"]).tolist() == [0.25, 0.75]
+    p.write_text(json.dumps({"names": ["b", "a"], "class_weights": [1.0, 3.0]}))  # reordered: not the same
+    with pytest.raises(ConfigError, match="--class-weights .*class 0 is 'b' there, 'a' here"):
+        run_class_weights(str(p), [], 2, ["a", "b"])
 
 
 def test_patience_stops_a_run_that_does_not_improve(tmp_path, synthetic_yaml):

@@ -220,12 +220,23 @@ def make_loaders(opt: TrainOptions, hyp: Hyp, data: DataConfig, stride: int, ctx
     return train_set, train_loader, val_loader
 
 
-def read_class_vector(path: str, key: str, flag: str, n: int, upper: float | None = 1.0) -> np.ndarray:
-    """A per-class list from a JSON file ({key: [...]} or a bare list), checked for length and range."""
+def read_class_vector(path: str, key: str, flag: str, n: int, upper: float | None = 1.0,
+                      names: list[str] | None = None) -> np.ndarray:
+    """A per-class list from a JSON file ({key: [...]} or a bare list), checked for length and range,
+    and, when the file names its classes, against the dataset's names (a file from another dataset
+    with as many classes would otherwise apply silently)."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{flag} {path}: cannot read ({e})") from e
+    if names is not None and isinstance(record, dict) and record.get("names") is not None:
+        theirs = [str(x) for x in record["names"]]
+        if theirs != list(names):
+            diff = next((i for i, (a, b) in enumerate(zip(theirs, names)) if a != b), min(len(theirs), len(names)))
+            got = theirs[diff] if diff < len(theirs) else "(none)"
+            want = names[diff] if diff < len(names) else "(none)"
+            raise ConfigError(f"{flag} {path}: its classes are not this dataset's (class {diff} is {got!r} there, "
+                              f"{want!r} here)")
     values = record.get(key) if isinstance(record, dict) else record
     if not isinstance(values, list) or len(values) != n:
         raise ConfigError(f"{flag} {path}: expected a list of {n} per-class values under '{key}'")
@@ -241,14 +252,14 @@ def read_class_vector(path: str, key: str, flag: str, n: int, upper: float | Non
 
 def initial_maps(path: str, names: list[str], current: np.ndarray) -> np.ndarray:
     """`--maps maps.json` from an earlier evaluation seeds the first epoch's image weights."""
-    return read_class_vector(path, "maps", "--maps", len(names)) if path else current
+    return read_class_vector(path, "maps", "--maps", len(names), names=names) if path else current
 
 
-def run_class_weights(path: str, labels: list[np.ndarray], nc: int) -> np.ndarray:
+def run_class_weights(path: str, labels: list[np.ndarray], nc: int, names: list[str] | None = None) -> np.ndarray:
     """`--class-weights` (normalised here) or the inverse label frequency of the training split."""
     if not path:
         return iw.class_weights(labels, nc)
-    weights = read_class_vector(path, "class_weights", "--class-weights", nc, upper=None)
+    weights = read_class_vector(path, "class_weights", "--class-weights", nc, upper=None, names=names)
     if weights.sum() <= 0:
         raise ConfigError(f"--class-weights {path}: all weights are zero")
     return weights / weights.sum()
@@ -309,10 +320,14 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
             model, device_ids=[device.index] if device.type == "cuda" else None)
     det = unwrap(model).detect
     loss_fn = YoloLoss(det.anchors, len(names), scale_loss_gains(hyp.to_dict(), det.nl, len(names), opt.imgsz))
-    logger.info("precision %s on %s; %d images/step (batch %d x accumulate %d); %d dataloader workers per rank",
-                precision.name, device, opt.batch_size * state.accumulate, opt.batch_size, state.accumulate,
+    nominal = nominal_accumulate(opt.batch_size, opt.nbs)
+    steps = (f"{opt.batch_size * nominal} images/step (batch {opt.batch_size} x accumulate {nominal})"
+             if state.accumulate == nominal else  # a resume inside the warm-up
+             f"{opt.batch_size * state.accumulate} images/step now, in the warm-up (batch {opt.batch_size} x "
+             f"accumulate {state.accumulate}, rising to {nominal})")
+    logger.info("precision %s on %s; %s; %d dataloader workers per rank", precision.name, device, steps,
                 train_loader.num_workers)
-    class_weights = run_class_weights(opt.class_weights, train_set.labels, len(names))
+    class_weights = run_class_weights(opt.class_weights, train_set.labels, len(names), names)
     sampler = ImageSampler(opt.sampler_config(), LabelStats(train_set.labels, len(names)), class_weights)
     logger.info("sampler %s%s%s; validation %s", sampler.kind,
                 f" (t {opt.rfs_t:g})" if sampler.kind in ("rfs", "adaptive") else "",
