@@ -48,3 +48,54 @@ def test_off_is_a_no_op_context():
     p = Precision("cpu", None)
     with p.autocast():
         assert torch.ones(2, 2).mm(torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_an_fp16_overflow_lets_the_scaler_skip_the_step_instead_of_ending_the_run(tmp_path):
+    """With a GradScaler an inf loss is an overflow: the step is skipped and the scale halves. Only a
+    long run of them (MAX_OVERFLOWS) counts as divergence."""
+    import math
+    import random
+
+    from trainer.config import Hyp
+    from trainer.engine import MAX_OVERFLOWS, EpochPlan, NonFiniteLossError, StepCounter, train_one_epoch
+    from trainer.loss import YoloLoss, scale_loss_gains
+    from trainer.models.yolo import build_model
+    from trainer.optim import build_optimizer
+    from trainer.runlog import RunLogger
+
+    torch.manual_seed(0)
+    model = build_model("yolov5n", nc=3)
+    loss_fn = YoloLoss(model.detect.anchors, 3, scale_loss_gains(Hyp().to_dict(), 3, 3, 64))
+    poison = set()
+
+    def sometimes_inf(preds, targets):
+        loss, parts = loss_fn(preds, targets)
+        sometimes_inf.n += 1
+        return (loss * float("inf"), parts) if sometimes_inf.n in poison else (loss, parts)
+
+    imgs = (torch.rand(2, 3, 64, 64) * 255).to(torch.uint8)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3], [1, 2, 0.4, 0.4, 0.2, 0.2]])
+    plan = EpochPlan(epoch=0, epochs=1, batches=3, warmup_iters=-1, total_batch_size=2, nbs=2, imgsz=64, stride=32,
+                     multi_scale=False, world_size=1, warmup_bias_lr=0.0, warmup_momentum=0.8, momentum=0.9,
+                     lr_factor=1.0)
+
+    def run(batches: int, scaler):
+        opt = build_optimizer(model, "SGD", 0.01, 0.9, 0.0005)
+        for g in opt.param_groups:
+            g["initial_lr"] = 0.01
+        loader = [(imgs, targets, ("a", "b"), None)] * batches
+        p = EpochPlan(**{**plan.__dict__, "batches": batches})
+        return train_one_epoch(model, sometimes_inf, opt, scaler, None, loader, p, StepCounter(-1, 1),
+                               Precision("cpu", None), torch.device("cpu"), random.Random(0),
+                               RunLogger(tmp_path, ["a", "b", "c"], enabled=False))
+
+    sometimes_inf.n, poison = 0, {2}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stats = run(3, scaler)
+    assert scaler.get_scale() == 512.0 and math.isfinite(stats["total"])  # one skipped step, scale halved
+    sometimes_inf.n, poison = 0, set(range(1, MAX_OVERFLOWS + 3))
+    with pytest.raises(NonFiniteLossError):
+        run(MAX_OVERFLOWS + 2, torch.amp.GradScaler("cpu", init_scale=1024.0))
+    sometimes_inf.n, poison = 0, {2}
+    with pytest.raises(NonFiniteLossError, match="batch 1"):  # without a scaler: fatal at once
+        run(3, torch.amp.GradScaler("cpu", enabled=False))

@@ -114,6 +114,15 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     assert info["error"] and info["after_s"] < 30
 
 
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
+    results = launch("nan_on_one_rank", tmp_path, timeout=120, extra_env={"TEST_DIST_TIMEOUT": "300"})
+    assert all(r.returncode == 0 for r in results), results[0].stdout[-2000:] + results[1].stdout[-2000:]
+    for rank in (0, 1):
+        info = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "non-finite loss at epoch 0, batch 2" in info["error"], info
+        assert info["calls"] == 3 and info["after_s"] < 60  # far below the 300 s collective timeout
+
+
 def test_a_rank_that_cannot_reach_the_master_fails_naming_the_address(tmp_path, synthetic_yaml):
     port = free_port()  # nothing listens there
     env = {**os.environ, "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

@@ -23,6 +23,7 @@ from trainer.schedule import multiscale_size, resize_batch, warmup_step
 # YOLOv5 v7.0 clips the gradient norm at 10 before every optimizer step; rarely active once training
 # settles, it keeps the first steps of a fine-tune from being thrown off by one bad batch.
 MAX_GRAD_NORM = 10.0
+MAX_OVERFLOWS = 20  # consecutive fp16 overflows before the loss counts as diverged
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +80,7 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
         for _ in range(start):  # the sizes of the batches trained before the stop
             multiscale_size(rng, plan.imgsz, plan.stride)
     stopped_at, step_at, mloss_at_step = -1, start, mloss.clone()
+    overflows = 0  # consecutive non-finite losses (fp16 only)
     batch_s, tick = 0.0, time.perf_counter()
     epoch_lrs = tuple(g["initial_lr"] * plan.lr_factor for g in optimizer.param_groups)
     for g, lr in zip(optimizer.param_groups, epoch_lrs):
@@ -103,8 +105,17 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
             with precision.autocast():
                 preds = model(imgs)
             loss, parts = loss_fn(preds, targets.to(device))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(plan.epoch, i, parts, tuple(paths))
+            # Every rank learns at once when any rank's loss is not finite (one small all-reduce
+            # under DDP), so they all stop together instead of the others waiting out the timeout.
+            bad = distributed.all_reduce_max(torch.tensor([0.0 if torch.isfinite(loss) else 1.0])).item() > 0
+            if bad:
+                overflows += 1
+                # fp16: an overflow in the forward pass is GradScaler's business; it skips the step and
+                # lowers the scale. Only a run of them (or any non-finite loss without a scaler) is fatal.
+                if not scaler.is_enabled() or overflows > MAX_OVERFLOWS:
+                    raise NonFiniteLossError(plan.epoch, i, parts, tuple(paths))
+            else:
+                overflows = 0
             # DDP averages gradients over ranks; the loss is a per-rank sum over images, so scale
             # back up to a sum over the global batch (YOLOv5 convention).
             scaler.scale(loss * plan.world_size).backward()
@@ -118,7 +129,8 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
                 ema.update(model)
             counter.last_opt_step = ni
 
-        mloss = (mloss * i + parts.cpu()) / (i + 1)
+        if not bad:  # a skipped fp16 overflow does not enter the running means
+            mloss = (mloss * i + parts.cpu()) / (i + 1)
         logger.batch(bar, plan.epoch, plan.epochs, mloss, targets.shape[0], imgs.shape[-1], device)
         logger.train_batch_images(ni, plan.epoch, imgs, targets, paths)
         if step_now:
