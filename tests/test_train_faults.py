@@ -92,3 +92,58 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     assert main(["--resume", str(bad)]) == 2
     assert "last.pt: unreadable checkpoint" in capsys.readouterr().err
+
+
+def _dataset(root, train_images: list[tuple[bytes | None, str | None]], names=("a", "b")):
+    """A data YAML whose train split holds the given (image bytes or None for a real PNG, label text)."""
+    import cv2
+    import numpy as np
+
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    png = cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
+    for k, (data, label) in enumerate(train_images):
+        (root / "images" / "train" / f"{k}.png").write_bytes(png if data is None else data)
+        if label is not None:
+            (root / "labels" / "train" / f"{k}.txt").write_text(label)
+    (root / "images" / "val" / "v.png").write_bytes(png)
+    (root / "labels" / "val" / "v.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    yaml = root / "data.yaml"
+    yaml.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: {list(names)}\n")
+    return yaml
+
+
+def test_every_image_bad_writes_the_report_into_the_run_folder(tmp_path, capsys):
+    data = _dataset(tmp_path / "d", [(b"not a png", "0 0.5 0.5 0.2 0.2\n"), (None, "7 0.5 0.5 0.2 0.2\n")])
+    assert _run(tmp_path, data, "--epochs", "1", name="bad") == 2
+    assert "none of 2 images survived validation" in capsys.readouterr().err
+    import json
+
+    report = json.loads((tmp_path / "bad" / "dataset_report.json").read_text())["train"]
+    assert report["n_found"] == 2 and report["n_kept"] == 0 and len(report["rejected"]) == 2
+    text = json.dumps(report["rejected"])
+    assert "0.png" in text and "1.png" in text  # each rejected image is listed with its reason
+
+
+def test_an_empty_images_folder_is_named(tmp_path, capsys):
+    data = _dataset(tmp_path / "d", [])
+    assert _run(tmp_path, data, "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "split 'train' (" in err and "images/train) holds no images" in err
+
+
+def test_a_training_split_without_labels_is_refused(tmp_path, capsys):
+    data = _dataset(tmp_path / "d", [(None, None), (None, "")])
+    assert _run(tmp_path, data, "--epochs", "1") == 2
+    assert "the training split has no labels (all 2 images are backgrounds)" in capsys.readouterr().err
+
+
+def test_all_zero_image_weights_warn(tmp_path, synthetic_yaml, capfd):
+    import json
+
+    names = ["circle", "square", "triangle", "cross", "star", "hexagon"]
+    maps = tmp_path / "maps.json"
+    maps.write_text(json.dumps({"names": names, "maps": [1.0] * 6}))
+    assert _run(tmp_path, synthetic_yaml, "--epochs", "1", "--image-weights", "--maps", str(maps), "--noval") == 0
+    assert "epoch 0: every image weight is zero" in capfd.readouterr().err

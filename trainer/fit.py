@@ -39,6 +39,7 @@ from trainer.data.samplers import ImageSampler, LabelStats, loss_class_weights
 from trainer.data.config import DataConfig, load_data_config
 from trainer.data.dataset import YoloDataset, seed_worker, single_threaded_opencv
 from trainer.data.epoch_sampler import EpochSampler
+from trainer.data.labels import DatasetError
 from trainer.ema import ModelEMA, unwrap
 from trainer.engine import EpochPlan, StepCounter, train_one_epoch
 from trainer.loss import YoloLoss, scale_loss_gains
@@ -297,7 +298,15 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
         save_yaml(opt.to_dict(), run_dir / "opt.yaml")
         log.info("%s: %s at 640x640", model.spec.name, summarise(model, 640))
 
-    train_set, train_loader, val_loader = make_loaders(opt, hyp, data, stride, ctx, device)
+    try:
+        train_set, train_loader, val_loader = make_loaders(opt, hyp, data, stride, ctx, device)
+    except DatasetError as e:  # e.g. every image rejected: the report says why, in the run folder
+        if ctx.is_main and getattr(e, "report", None) is not None:
+            (run_dir / "dataset_report.json").write_text(json.dumps({e.report.split: e.report.to_dict()}, indent=1))
+        raise
+    if not any(len(labels) for labels in train_set.labels):
+        raise DatasetError(f"{opt.data}: the training split has no labels (all {train_set.n} images are "
+                           "backgrounds), so there is nothing to learn")
     if ctx.is_main:  # what validation kept, skipped and why, next to the results
         reports = {"train": train_set.report.to_dict(), "val": val_loader.dataset.report.to_dict()}
         (run_dir / "dataset_report.json").write_text(json.dumps(reports, indent=1))
@@ -374,6 +383,10 @@ def weight_images(run: Run, epoch: int) -> None:
         draw = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
     run.train_loader.sampler.set_epoch(epoch, draw, skip=state.images_done)
     state.draw = draw
+    weights = run.sampler.image_weights(maps)
+    if run.ctx.is_main and weights is not None and not weights.sum() > 0:
+        run.logger.warning("epoch %d: every image weight is zero (AP 1.0 for every labelled class?): this epoch "
+                           "draws uniformly, background images included", epoch)
     record: dict[str, Any] = {"epoch": epoch, "sampler": run.sampler.kind, "names": run.names,
                               "maps": [round(float(m), 6) for m in maps]}
     if run.opt.cls_feedback:

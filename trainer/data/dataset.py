@@ -106,7 +106,11 @@ class YoloDataset(Dataset):
             raise DatasetError(f"{cfg.yaml_path or '<data dict>'}: split {split!r} is empty")
         kwargs.setdefault("names", cfg.names)
         kwargs.setdefault("nc", cfg.nc)
-        return cls(resolve_split(entries), split=split, **kwargs)
+        files = resolve_split(entries)
+        if not files:
+            where = ", ".join(str(e) for e in (entries if isinstance(entries, (list, tuple)) else [entries]))
+            raise DatasetError(f"{cfg.yaml_path or '<data dict>'}: split {split!r} ({where}) holds no images")
+        return cls(files, split=split, **kwargs)
 
     def _entries(self, src, cache_dir, split, workers) -> tuple[list[LabelEntry], DatasetReport]:
         if isinstance(src, (str, Path)):

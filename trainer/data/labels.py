@@ -339,7 +339,9 @@ def scan_split(
             _save_cache(cache_path, fingerprint, results)
     entries, report = _build_report(files, results, nc, names, split)
     if not entries:
-        raise DatasetError(f"split {split!r}: none of {len(files)} images survived validation\n{report.summary()}")
+        error = DatasetError(f"split {split!r}: none of {len(files)} images survived validation\n{report.summary()}")
+        error.report = report  # the caller writes it next to the run
+        raise error
     return entries, report
 
 
