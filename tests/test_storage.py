@@ -257,6 +257,29 @@ def test_unreachable_endpoint_and_silent_server_fail_after_the_retries(monkeypat
         assert time.monotonic() - started < 5.0
 
 
+def test_time_limits_come_from_the_environment_and_bound_a_silent_endpoint(monkeypatch):
+    """An endpoint that accepts and never answers: the retry budget ends the operation, not the
+    number of attempts (defaults: 5 s connect, 30 s read, 100 s in all)."""
+    for var, value in (("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+                       ("AWS_REGION", "us-east-1"), ("S3_READ_TIMEOUT", "0.4"), ("S3_CONNECT_TIMEOUT", "0.4"),
+                       ("S3_RETRY_BUDGET", "2.5")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("S3_USE_TLS", raising=False)
+    default = Storage(S3Config("127.0.0.1:1", False, None, ACCESS_KEY, SECRET_KEY))
+    assert default.retry.budget_s == 100 and default.attempt_s == 35  # under 2 minutes in all
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        monkeypatch.setenv("S3_ENDPOINT", f"127.0.0.1:{silent.getsockname()[1]}")
+        st = Storage.from_env()
+        assert st.retry.attempts == 5 and st.retry.budget_s == 2.5 and st.attempt_s == pytest.approx(0.8)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"would overrun the 2\.5s budget \(S3_RETRY_BUDGET\)"):
+            st.exists("s3://kfyolo/x")
+        assert time.monotonic() - started < 2.5 + 0.5
+    monkeypatch.setenv("S3_READ_TIMEOUT", "soon")
+    with pytest.raises(StorageError, match="S3_READ_TIMEOUT='soon': expected a positive number of seconds"):
+        Storage.from_env()
+
+
 def _iam_user() -> tuple[str, str]:
     """An IAM user allowed s3:* on moto, made while authentication is still off."""
     import boto3

@@ -12,8 +12,15 @@ TLS when `S3_USE_TLS` is unset follows the endpoint: `https://` on, `http://` of
 off for localhost / 127.0.0.1 / ::1 and on for any other host. KFP's in-cluster MinIO speaks plain
 HTTP, so give it as `http://minio-service.kubeflow:9000` or set `S3_USE_TLS=false`.
 
+Time limits, each from the environment too (seconds):
+
+    S3_CONNECT_TIMEOUT=5    # to open a connection
+    S3_READ_TIMEOUT=30      # for the server's next bytes (an endpoint that accepts and never answers)
+    S3_RETRY_BUDGET=100     # for one operation, all its retries included
+
 Transient failures (refused or reset connections, timeouts, HTTP 5xx, SlowDown, RequestTimeout,
-InternalError) are retried with exponential backoff and jitter; anything else fails at once with a
+InternalError) are retried with exponential backoff and jitter while the budget allows one more
+whole attempt (connect + read timeout) after the wait; anything else fails at once with a
 `StorageError` that names the endpoint and bucket/key. No message, log line or repr ever holds a
 credential value. An S3 PUT (single or multipart) becomes visible only once complete, so a failed
 upload never leaves half an object under its key; a retry sends the whole file again.
@@ -149,10 +156,11 @@ class RetryPolicy:
     attempts: int = 5
     base_delay: float = 0.5
     max_delay: float = 20.0
+    budget_s: float = 100.0  # one operation, retries included: under 2 minutes however the endpoint fails
 
     def __post_init__(self) -> None:
-        if self.attempts < 1 or self.base_delay < 0 or self.max_delay < 0:
-            raise StorageError(f"{self}: needs attempts >= 1 and non-negative delays")
+        if self.attempts < 1 or self.base_delay < 0 or self.max_delay < 0 or self.budget_s <= 0:
+            raise StorageError(f"{self}: needs attempts >= 1, non-negative delays and a positive budget")
 
     def delay(self, attempt: int) -> float:
         return min(self.max_delay, self.base_delay * 2 ** attempt) * random.uniform(0.5, 1.5)
@@ -186,9 +194,10 @@ class Storage:
     """Transfers between local files and one S3 endpoint, with retries and clear errors."""
 
     def __init__(self, config: S3Config, retry: RetryPolicy = RetryPolicy(), connect_timeout: float = 5.0,
-                 read_timeout: float = 120.0):
+                 read_timeout: float = 30.0):
         self.config = config
         self.retry = retry
+        self.attempt_s = connect_timeout + read_timeout  # the longest one attempt can hang
         # Our retry loop is the one in charge: no urllib3-level retries, short connect timeouts.
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
                                    retries=False, maxsize=10, cert_reqs="CERT_REQUIRED",
@@ -198,9 +207,17 @@ class Storage:
         self._uploaded: dict[tuple[str, str], tuple[int, int]] = {}  # (local, uri) -> (size, mtime_ns)
 
     @classmethod
-    def from_env(cls, retry: RetryPolicy | None = None, **kwargs: float) -> "Storage":
-        """A Storage for the endpoint and credentials in the environment (see the module docstring)."""
-        return cls(S3Config.from_env(), retry or RetryPolicy(), **kwargs)
+    def from_env(cls, retry: RetryPolicy | None = None, env: Mapping[str, str] | None = None,
+                 **kwargs: float) -> "Storage":
+        """A Storage for the endpoint, credentials and time limits in the environment (see the module
+        docstring)."""
+        env = os.environ if env is None else env
+        limits = {"connect_timeout": _seconds(env, "S3_CONNECT_TIMEOUT"), "read_timeout": _seconds(env, "S3_READ_TIMEOUT")}
+        kwargs = {**{k: v for k, v in limits.items() if v is not None}, **kwargs}
+        budget = _seconds(env, "S3_RETRY_BUDGET")
+        if retry is None:
+            retry = RetryPolicy(budget_s=budget) if budget is not None else RetryPolicy()
+        return cls(S3Config.from_env(env), retry, **kwargs)
 
     @property
     def endpoint(self) -> str:
@@ -311,11 +328,15 @@ class Storage:
                 if not is_transient(e):
                     raise self._permanent(op, u, e) from e
                 summary = self._redact(_summary(e))
-                if attempt + 1 == self.retry.attempts:
-                    raise StorageError(
-                        f"{op} {u}: endpoint {self.endpoint} unreachable or failing after {self.retry.attempts} "
-                        f"attempts over {time.monotonic() - started:.1f}s (last error: {summary})") from e
                 wait = self.retry.delay(attempt)
+                spent = time.monotonic() - started
+                out_of_budget = spent + wait + self.attempt_s > self.retry.budget_s
+                if attempt + 1 == self.retry.attempts or out_of_budget:
+                    why = (f"{attempt + 1} attempt(s) in {spent:.1f}s, and another would overrun the "
+                           f"{self.retry.budget_s:g}s budget (S3_RETRY_BUDGET)" if out_of_budget and
+                           attempt + 1 < self.retry.attempts else f"{attempt + 1} attempts over {spent:.1f}s")
+                    raise StorageError(f"{op} {u}: endpoint {self.endpoint} unreachable or failing after {why} "
+                                       f"(last error: {summary})") from None
                 log.warning("%s %s: %s; retry %d/%d in %.1fs", op, u, summary, attempt + 1,
                             self.retry.attempts - 1, wait)
                 time.sleep(wait)
@@ -345,6 +366,19 @@ class Storage:
 
 class _NotFound(StorageError):
     """A missing object (a StorageError for callers; `stat` turns it into None)."""
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise StorageError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
 
 
 def _uri(uri: str | S3Uri) -> S3Uri:
