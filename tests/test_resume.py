@@ -79,3 +79,26 @@ def test_block_then_resume_under_ddp_matches_bitwise(tmp_path, synthetic_yaml, s
     _same_final_weights(tmp_path, "a DDP resume")
     assert (tmp_path / "whole" / "image_weights.jsonl").read_text() == \
         (tmp_path / "blocks" / "image_weights.jsonl").read_text()
+
+
+def test_rect_training_under_ddp_gives_each_rank_whole_batches(tmp_path, synthetic_yaml):
+    """--rect with 2 ranks used to fail with 'stack expects each tensor to be equal size': the rect
+    shapes follow consecutive positions, which a DistributedSampler interleaved. Each rank now takes
+    whole batches (trainer/data/epoch_sampler.py)."""
+    import cv2
+    import numpy as np
+
+    root = tmp_path / "data"
+    shapes = [(32, 64), (64, 32), (48, 64), (64, 48), (64, 64), (24, 64), (64, 24), (40, 64), (64, 40), (56, 64)]
+    for split, picks in (("train", shapes), ("val", shapes[:4])):
+        for k, (h, w) in enumerate(picks):  # aspect ratios far apart: rect batches get different shapes
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / "images" / split / f"{k}.png"), np.full((h, w, 3), 40 * (k % 6), np.uint8))
+            (root / "labels" / split / f"{k}.txt").write_text(f"{k % 2} 0.5 0.5 0.4 0.4\n")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: [a, b]\n")
+    _torchrun(["--data", str(root / "data.yaml"), "--project", str(tmp_path), "--name", "rect", "--workers", "0",
+               "--cfg", "yolov5n", "--imgsz", "64", "--batch-size", "4", "--device", "cpu", "--epochs", "1",
+               "--rect", "--seed", "5"])
+    rows = list(csv.DictReader((tmp_path / "rect" / "results.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["total"]) > 0

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,7 @@ TRAIN_HEADER = ("Epoch", "gpu_mem", "box", "obj", "cls", "total", "targets", "im
 CSV_COLUMNS = ("epoch", "box", "obj", "cls", "total", "precision", "recall", "map50", "map",
                "val_box", "val_obj", "val_cls", "lr0", "lr1", "lr2", "train_s", "val_s")
 PLOTTED_BATCHES = 3
+PROGRESS_VAR = "KFYOLO_PROGRESS"  # a file to append one line per epoch to (see RunLogger._progress)
 
 
 def _memory_string(device: torch.device) -> str:
@@ -113,6 +115,23 @@ class RunLogger:
                      row["map50"], row["map"])
         else:
             log.info("epoch %d: total loss %.4f (not validated this epoch; see --val-every)", epoch, row.get("total", float("nan")))
+        self._progress(epoch, row)
+
+    def _progress(self, epoch: int, row: dict[str, float]) -> None:
+        """One line per epoch appended to $KFYOLO_PROGRESS when set: `make demo`'s runner
+        (pipelines/__main__.py) tails that file, because kfp.local shows a step's output only once
+        the step has ended."""
+        target = os.environ.get(PROGRESS_VAR)
+        if not target:
+            return
+        metrics = f"  mAP@.5 {row['map50']:.3f}  mAP@.5:.95 {row['map']:.3f}" if "map" in row else ""
+        line = (f"epoch {epoch}: box {row.get('box', float('nan')):.4f}  obj {row.get('obj', float('nan')):.4f}  "
+                f"cls {row.get('cls', float('nan')):.4f}{metrics}  ({row.get('train_s', 0) + row.get('val_s', 0):.0f} s)")
+        try:
+            with open(target, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:  # progress is a courtesy: never fail training over it
+            log.debug("cannot append to %s: %s", target, e)
 
     def image_weights(self, record: dict[str, Any]) -> None:
         """One JSON line per epoch: class weights used and how often each class was drawn."""
