@@ -24,11 +24,11 @@ WORKDIR /opt/kfyolo
 # Dependencies first (a layer that changes only with the lock), then the project itself.
 COPY pyproject.toml uv.lock README.md ./
 RUN uv python install 3.11 \
- && uv sync --frozen --no-dev --no-install-project --python 3.11
+ && uv sync --frozen --no-dev --extra export --no-install-project --python 3.11
 COPY trainer ./trainer
 COPY components ./components
 COPY pipelines ./pipelines
-RUN uv sync --frozen --no-dev --no-editable --python 3.11 \
+RUN uv sync --frozen --no-dev --extra export --no-editable --python 3.11 \
  && rm -rf /root/.cache/uv
 
 # Matches runAsUser / runAsGroup in k8s/*.yaml and the launcher's pods (POD_USER).
@@ -41,6 +41,6 @@ USER 10001:10001
 WORKDIR /home/kfyolo
 # Build matplotlib's font cache now, not in every pod; and fail the build if the image cannot
 # import what the steps and the pods run.
-RUN python -c "import matplotlib.font_manager, torch, kfp, kubernetes, kubeflow.training, trainer.train, components.launchers.pytorchjob" \
+RUN python -c "import matplotlib.font_manager, torch, kfp, kubernetes, kubeflow.training, onnxruntime, trainer.train, trainer.export, components.launchers.pytorchjob" \
  && torchrun --help > /dev/null
 CMD ["python", "-m", "trainer.train", "--help"]

@@ -33,6 +33,8 @@ VAL_EVERY  ?= 3
 CFG        ?= yolov5n
 DEVICE     ?=
 RUNS       ?= runs
+PORT       ?= 6006
+HOST       ?= 0.0.0.0
 IMAGE      ?= kfyolo:0.1.0
 K8S_VERSION ?= 1.37.0
 
@@ -51,7 +53,8 @@ $(UV):
 	  && mkdir -p $(TOOLS)/bin && ln -sf ../pkgs/bin/uv $(UV))
 
 $(VENV)/.synced: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --python $(PYTHON)
+	@# The export extra (onnx, onnxruntime): the ONNX tests and the pipeline's export step need it.
+	$(UV) sync --frozen --extra export --python $(PYTHON)
 	@touch $@
 
 venv: $(VENV)/.synced ## create or refresh .venv from uv.lock (torch, torchvision, kfp, ...)
@@ -91,6 +94,9 @@ bench-cocoeval: venv ## bench: kfyolo COCO evaluation vs pycocotools on 5,000 im
 bench-step: venv ## bench: the training step alone, fp32/bf16 x NCHW/channels_last, with gradient agreement
 	$(PY) bench/bench_train_step.py
 
+bench-predict: venv ## bench: predict img/s at 640, PyTorch vs ONNX Runtime, beside evaluate, on COCO128 (needs ../shared)
+	$(PY) bench/bench_predict.py
+
 bench-yolov5: venv $(UV) ## bench: kfyolo vs ultralytics YOLOv5 v7.0 (throw-away venv) on COCO128 (~15 min; needs ../shared)
 	$(PY) bench/bench_vs_yolov5.py
 
@@ -106,15 +112,16 @@ image: ## build the image every step and PyTorchJob pod runs (IMAGE=registry/kfy
 	if [ "$$tag" = "$$name" ] || [ "$$tag" = latest ]; then echo "IMAGE=$(IMAGE): pin a tag other than latest"; exit 1; fi
 	docker build -t $(IMAGE) .
 
-lint-k8s: venv ## validate k8s/*.yaml and the compiled cluster pipeline (kubernetes-validate --strict, PyTorchJob CRD)
+lint-k8s: venv ## validate k8s/*.yaml and the compiled cluster pipelines (kubernetes-validate --strict; PyTorchJob CRD; TrainJob CRD + CEL)
 	$(VENV)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) \
-	  $(filter-out k8s/kustomization.yaml k8s/pytorchjob.yaml,$(wildcard k8s/*.yaml))
-	$(PY) -m pytest -q tests/test_k8s_manifests.py
+	  $(filter-out k8s/kustomization.yaml k8s/pytorchjob.yaml k8s/trainjob.yaml,$(wildcard k8s/*.yaml))
+	$(PY) -m pytest -q tests/test_k8s_manifests.py tests/test_trainjob_manifests.py
 
-tensorboard: venv ## serve TensorBoard over the runs folder (RUNS)
-	$(VENV)/bin/tensorboard --logdir $(RUNS) --bind_all
+tensorboard: venv ## serve TensorBoard over the runs folder (RUNS) on PORT, on every interface (HOST=localhost to keep it local)
+	@echo "TensorBoard on http://$(HOST):$(PORT)/ over $(RUNS)$(if $(filter 0.0.0.0,$(HOST)), (bound to all interfaces: anyone who can reach this machine can read it),)"
+	$(VENV)/bin/tensorboard --logdir $(RUNS) --host $(HOST) --port $(PORT)
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf data/synthetic $(RUNS) .pytest_cache
 
-.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval bench-step bench-yolov5 study study-quick image lint-k8s tensorboard clean
+.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval bench-step bench-predict bench-yolov5 study study-quick image lint-k8s tensorboard clean

@@ -2,7 +2,9 @@
 
     python -m pipelines compile --out pipeline.yaml [--blocks 3] [--image REGISTRY/kfyolo:TAG]
     python -m pipelines compile --launcher pytorchjob --image REGISTRY/kfyolo:TAG --workers 2 \\
-        --gpus-per-worker 1 [--s3-secret kfyolo-s3] [--s3-prefix s3://kfyolo/pipelines]
+        --gpus-per-worker 1 [--s3-secret kfyolo-s3] [--s3-prefix s3://kfyolo/pipelines] [--elastic 1:4]
+    python -m pipelines compile --launcher trainjob --image REGISTRY/kfyolo:TAG --workers 2 \\
+        --gpus-per-worker 1 [--runtime torch-distributed]            # Kubeflow Trainer v2
     python -m pipelines run-local                       # synthetic dataset, 3 blocks, 2 workers, CPU
     python -m pipelines run-local --data ../shared/datasets/coco128/coco128.yaml \\
         --weights ../shared/weights/yolov5n.pt --imgsz 320 --blocks 2 --epochs-per-block 2
@@ -15,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from pipelines.kfyolo_pipeline import DEFAULT_IMAGE, DEFAULT_SAMPLER, ClusterOptions, build_pipeline
+from pipelines.kfyolo_pipeline import (CLUSTER_LAUNCHERS, DEFAULT_IMAGE, DEFAULT_SAMPLER, ClusterOptions,
+                                       build_pipeline)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SYNTHETIC = Path("data/synthetic")
@@ -38,7 +43,7 @@ class StepPrinter:
         self.started: dict[str, float] = {}
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self.log.write(ANSI.sub("", text))  # the log is read in editors and CI pages, not terminals
         self.buffer += text
         while "\n" in self.buffer:
             line, self.buffer = self.buffer.split("\n", 1)
@@ -80,16 +85,30 @@ def compile_pipeline(out: Path, blocks: int, image: str, launcher: str, cluster:
     return out
 
 
+def elastic_range(text: str) -> tuple[int, int]:
+    """'1:4' -> (1, 4); '' -> (0, 0), not elastic."""
+    if not text:
+        return 0, 0
+    low, sep, high = text.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"--elastic {text!r} must look like MIN:MAX (pods), e.g. 1:4")
+    return int(low), int(high)
+
+
 def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
-    """The --launcher pytorchjob settings; KFP's own Secret stages under its own bucket by default."""
-    if args.launcher != "pytorchjob":
+    """The cluster launchers' settings; KFP's own Secret stages under its own bucket by default."""
+    if args.launcher not in CLUSTER_LAUNCHERS:
         return None
+    if args.elastic and args.launcher != "pytorchjob":
+        raise ValueError("--elastic needs --launcher pytorchjob: Kubeflow Trainer v2 has no elastic mode yet")
+    elastic_min, elastic_max = elastic_range(args.elastic)
     prefix = args.s3_prefix or ("s3://mlpipeline/kfyolo" if args.s3_secret == "mlpipeline-minio-artifact"
                                 else ClusterOptions.s3_prefix)
     return ClusterOptions(gpus_per_worker=args.gpus_per_worker, nproc_per_node=args.nproc_per_node, cpu=args.cpu,
                           memory=args.memory, shm_size=args.shm_size, s3_secret=args.s3_secret,
                           s3_endpoint=args.s3_endpoint, s3_prefix=prefix, namespace=args.namespace,
-                          keep_job=args.keep_job, timeout_s=args.job_timeout)
+                          keep_job=args.keep_job, timeout_s=args.job_timeout, runtime=args.runtime,
+                          elastic_min=elastic_min, elastic_max=elastic_max)
 
 
 def ensure_synthetic(images: int, seed: int, imgsz: int = 256, long_tail: bool = False) -> str:
@@ -137,6 +156,13 @@ def run_local(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     real_stdout = sys.stdout
     started = time.monotonic()
+    progress = root / "progress.log"  # the trainer appends a line per epoch (trainer/runlog.py)
+    progress.touch()
+    previous = os.environ.get("KFYOLO_PROGRESS")
+    os.environ["KFYOLO_PROGRESS"] = str(progress)  # the step processes inherit it
+    stop_tail = threading.Event()
+    tail = threading.Thread(target=tail_progress, args=(progress, real_stdout, stop_tail), daemon=True)
+    tail.start()
     with log_path.open("w") as log:
         sys.stdout = StepPrinter(real_stdout, log, args.verbose)
         try:
@@ -148,9 +174,59 @@ def run_local(args: argparse.Namespace) -> int:
             return 1
         finally:
             sys.stdout = real_stdout
+            stop_tail.set()
+            tail.join(timeout=5)
+            if previous is None:
+                os.environ.pop("KFYOLO_PROGRESS", None)
+            else:
+                os.environ["KFYOLO_PROGRESS"] = previous
     where = params["publish"].rstrip("/")
-    print(f"done in {time.monotonic() - started:.0f} s; report: {where}/report.html; run folder: {where}/run")
+    wall = time.monotonic() - started
+    print(f"done in {wall:.0f} s; report: {where}/report.html; run folder: {where}/run")
+    if not where.startswith("s3://"):
+        print(overhead_summary(Path(where), wall))
     return 0
+
+
+def tail_progress(path: Path, console: TextIO, stop: threading.Event, poll_s: float = 1.0) -> None:
+    """Echo the lines appended to `path` until `stop` is set: the epochs of a block as they end."""
+    with path.open() as f:
+        while True:
+            line = f.readline()
+            if line:
+                stamp = datetime.datetime.now().strftime("%H:%M:%S")
+                console.write(f"{stamp}      {line.rstrip()}\n")
+                console.flush()
+            elif stop.is_set():
+                return
+            else:
+                stop.wait(poll_s)
+
+
+def overhead_summary(published: Path, wall: float) -> str:
+    """How the pipeline's wall time splits: training steps and validations (results.csv's train_s and
+    val_s), the evaluation steps' loops (their metrics.json seconds), and everything else: process
+    start-up, imports, staging, plots, the report."""
+    import csv
+    import json
+
+    train = val = evaluation = 0.0
+    results = published / "run" / "results.csv"
+    if results.is_file():
+        for row in csv.DictReader(results.open()):
+            train += float(row.get("train_s") or 0)
+            val += float(row.get("val_s") or 0)
+    seen = set()
+    for path in sorted(published.rglob("metrics.json")):  # every block's evaluation, each counted once
+        record = json.loads(path.read_text())
+        key = json.dumps(record.get("per_class"), sort_keys=True), record.get("seconds")
+        if "seconds" in record and key not in seen:
+            seen.add(key)
+            evaluation += float(record["seconds"])
+    rest = max(0.0, wall - train - val - evaluation)
+    return (f"time: training {train:.0f} s, validation {val:.0f} s, evaluation {evaluation:.0f} s ({len(seen)} "
+            f"steps); everything else (start-up, imports, staging, plots, report) {rest:.0f} s = "
+            f"{100 * rest / max(wall, 1e-9):.1f} % of {wall:.0f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,11 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="pipeline.yaml")
     c.add_argument("--blocks", type=int, default=3, help="K: training blocks, unrolled at compile time")
     c.add_argument("--image", default=DEFAULT_IMAGE, help="image every step runs in")
-    c.add_argument("--launcher", default="local", choices=["local", "pytorchjob"],
-                   help="where train_block runs torchrun: in its own step, or as a Kubeflow PyTorchJob")
+    c.add_argument("--launcher", default="local", choices=["local", *CLUSTER_LAUNCHERS],
+                   help="where train_block runs torchrun: in its own step, as a Kubeflow PyTorchJob (training "
+                   "operator v1, legacy) or as a Kubeflow Trainer v2 TrainJob")
     c.add_argument("--workers", type=int, default=2,
-                   help="default of the workers parameter: processes (local) or pods per PyTorchJob")
-    k = c.add_argument_group("PyTorchJob (--launcher pytorchjob)")
+                   help="default of the workers parameter: processes (local) or pods per job")
+    k = c.add_argument_group("cluster jobs (--launcher pytorchjob or trainjob)")
     k.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs per pod, one process each (0: CPU)")
     k.add_argument("--nproc-per-node", type=int, default=1, help="processes per pod without GPUs")
     k.add_argument("--cpu", default="4", help="CPU request per pod")
@@ -178,8 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--s3-prefix", default="", help="s3:// folder for staging and run folders "
                    "(default s3://kfyolo/pipelines; s3://mlpipeline/kfyolo with KFP's Secret)")
     k.add_argument("--namespace", default="", help="namespace of the jobs (default: the pipeline's)")
-    k.add_argument("--keep-job", action="store_true", help="keep finished PyTorchJobs (their TTL removes them)")
+    k.add_argument("--keep-job", action="store_true",
+                   help="keep finished jobs (a PyTorchJob's TTL removes it; a TrainJob stays until deleted)")
     k.add_argument("--job-timeout", type=int, default=86400, help="seconds a block's job may run")
+    k.add_argument("--elastic", default="", metavar="MIN:MAX",
+                   help="PyTorchJob only: an elastic job (c10d rendezvous) of MIN to MAX pods; --workers "
+                   "must lie between them (Trainer v2 has no elastic mode)")
+    k.add_argument("--runtime", default="torch-distributed",
+                   help="TrainJob only: the ClusterTrainingRuntime the jobs reference")
     r = sub.add_parser("run-local", help="run the pipeline here with kfp.local (SubprocessRunner)")
     r.add_argument("--data", help="data YAML, folder with data.yaml, or s3:// prefix (default: synthetic)")
     r.add_argument("--blocks", type=int, default=3)

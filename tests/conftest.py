@@ -58,3 +58,16 @@ def s3(monkeypatch, tmp_path):
     Storage.from_env(RetryPolicy(attempts=1))._client.make_bucket("kfyolo")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """An untrained yolov5n with 3 classes as a kfyolo checkpoint: predict and export tests that need
+    no ../shared (its scores are low, so they use a low --conf-thres)."""
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models.yolo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("yolov5n", names=["red", "green", "blue"])
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    return save_checkpoint({"model": model.state_dict(), "spec": model.spec.to_dict(), "names": model.names}, path)

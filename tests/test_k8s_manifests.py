@@ -1,7 +1,8 @@
 """Every manifest the project ships or writes, checked as a cluster would check it (what `make lint-k8s`
-runs): built-in kinds with kubernetes-validate --strict, PyTorchJobs against the CRD's openAPIV3Schema
-(strict) and the training operator's admission rules, the compiled cluster pipeline, RBAC scope,
-non-root pods and pinned images, no credential anywhere, and the README's cluster commands."""
+runs): built-in kinds with kubernetes-validate --strict, PyTorchJobs (elastic ones too) against the
+CRD's openAPIV3Schema (strict) and the training operator's admission rules, the compiled cluster
+pipeline, RBAC scope, non-root pods and pinned images, no credential anywhere, and the README's cluster
+commands. TrainJobs' own CRD and CEL checks are test_trainjob_manifests.py's."""
 
 from __future__ import annotations
 
@@ -16,24 +17,21 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from fake_cluster import CRD_PATH, FakeCluster, Step, crd_errors, crd_validator, webhook_errors
-from kfp.dsl import Artifact, Dataset, Model
+from fake_cluster import CRD_PATH, crd_errors, crd_validator, webhook_errors
 from kubernetes.client import ApiClient
+from pipeline_jobs import compiled_jobs, executor_pods
 from s3server import ACCESS_KEY, SECRET_KEY
 
-from components import train_block
-from components.launchers import TrainLaunchError
-from components.launchers.cluster import KubernetesCluster, S3Secret
+from components.launchers.cluster import TRAINJOB, S3Secret
 from components.launchers.pytorchjob import POD_USER, JobOptions, JobPlan, pod_template
 from pipelines.__main__ import main as pipelines_main
-from trainer.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 K8S_VERSION = re.search(r"^K8S_VERSION \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
 IMAGE = "registry.example.com/kfyolo:0.1.0"
 BUILTIN = ("rbac.yaml", "s3-secret.yaml", "minio.yaml")
-SEPARATE = ("minio.yaml", "pytorchjob.yaml")  # applied on their own, not through the kustomization
+SEPARATE = ("minio.yaml", "pytorchjob.yaml", "trainjob.yaml")  # applied on their own, not through the kustomization
 PLACEHOLDER = re.compile(r"^<[a-z0-9-]+>$")
 SECRET_NAME = re.compile(r"(KEY|SECRET|PASSWORD|TOKEN)", re.I)
 SECRET_PATTERNS = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"minioadmin", r"minio123", re.escape(SECRET_KEY),
@@ -55,19 +53,26 @@ def crd():
     return crd_validator(CRD_PATH)
 
 
-def _compile(tmp_path: Path, *extra: str, name: str = "pipeline.yaml") -> tuple[Path, list[dict[str, Any]]]:
+def _compile(tmp_path: Path, *extra: str, name: str = "pipeline.yaml",
+             launcher: str = "pytorchjob") -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path / name
-    assert pipelines_main(["compile", "--out", str(out), "--blocks", "2", "--launcher", "pytorchjob",
+    assert pipelines_main(["compile", "--out", str(out), "--blocks", "2", "--launcher", launcher,
                            "--image", IMAGE, *extra]) == 0
     return out, list(yaml.safe_load_all(out.read_text()))
 
 
 def _pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The pod specs inside a Deployment or a PyTorchJob."""
+    """The pod specs inside a Deployment, a PyTorchJob or a TrainJob (its runtimePatches' pods, with
+    the trainer's image on the `node` container)."""
     if doc["kind"] == "Deployment":
         return [doc["spec"]["template"]["spec"]]
     if doc["kind"] == "PyTorchJob":
         return [r["template"]["spec"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
+    if doc["kind"] == "TrainJob":
+        pods = [r["template"]["spec"]["template"]["spec"] for patch in doc["spec"]["runtimePatches"]
+                for r in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+        return [{**pod, "containers": [{**c, "image": doc["spec"]["trainer"]["image"]} for c in pod["containers"]]}
+                for pod in pods]
     return []
 
 
@@ -81,7 +86,7 @@ def test_builtin_manifests_pass_kubernetes_validate_strict():
     kinds = sorted(d["kind"] for f in BUILTIN for d in _docs(K8S / f))
     assert kinds == ["Deployment", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret", "Service"]
     assert run.stdout.count(" passed for resource ") == len(kinds)
-    assert set(_all_manifests()) == {*BUILTIN, "pytorchjob.yaml", "kustomization.yaml"}  # nothing unchecked
+    assert set(_all_manifests()) == {*BUILTIN, *SEPARATE[1:], "kustomization.yaml"}  # nothing unchecked
 
 
 def test_strict_validation_catches_a_misspelt_field():
@@ -93,27 +98,46 @@ def test_strict_validation_catches_a_misspelt_field():
 
 # ------------------------------------------------------------------------------------ PyTorchJobs
 
-def _launcher_jobs(tmp_path: Path) -> list[dict[str, Any]]:
-    """Jobs as the launcher builds them: CPU block 0, a 4-node GPU block 2, KFP's Secret."""
-    from components.launchers import TrainRequest
-    from components.launchers.pytorchjob import build_job, plan_for
+def _launcher_jobs(tmp_path: Path, trainjobs: bool = False) -> list[dict[str, Any]]:
+    """PyTorchJobs as the launcher builds them: CPU block 0, a 4-node GPU block 2, KFP's Secret, an
+    elastic job of 2 to 4 pods; with `trainjobs`, the first three as TrainJobs as well."""
+    from components.launchers import TrainRequest, pytorchjob, trainjob
+    from components.launchers.clusterjob import plan_for
 
+    configs = [(0, JobOptions(run_id="r1", image=IMAGE, s3_prefix="s3://kfyolo/p", nodes=2)),
+               (2, JobOptions(run_id="r1", image=IMAGE, s3_prefix="s3://kfyolo/p", nodes=4, gpus_per_node=8)),
+               (1, JobOptions(run_id="r2", image=IMAGE, s3_prefix="s3://mlpipeline/k", secret=S3Secret(
+                   "mlpipeline-minio-artifact", "http://minio-service.kubeflow:9000"))),
+               (0, JobOptions(run_id="r3", image=IMAGE, s3_prefix="s3://kfyolo/p", nodes=2, elastic_min=2,
+                              elastic_max=4))]
+    builds = [(pytorchjob.build_job, c) for c in configs]
+    builds += [(trainjob.build_job, c) for c in configs[:3]] if trainjobs else []
     jobs = []
-    for block, opts in ((0, JobOptions(run_id="r1", image=IMAGE, s3_prefix="s3://kfyolo/p", nodes=2)),
-                        (2, JobOptions(run_id="r1", image=IMAGE, s3_prefix="s3://kfyolo/p", nodes=4, gpus_per_node=8)),
-                        (1, JobOptions(run_id="r2", image=IMAGE, s3_prefix="s3://mlpipeline/k", secret=S3Secret(
-                            "mlpipeline-minio-artifact", "http://minio-service.kubeflow:9000")))):
+    for build, (block, opts) in builds:
         request = TrainRequest(run_dir=tmp_path, data_yaml="d", block=block, blocks=3, epochs_per_block=2,
                                batch_size=64, world_size=opts.world_size, class_weights="cw.json",
                                maps="maps.json" if block else "")
-        jobs.append(build_job(request, opts, plan_for(request, opts), "kubeflow"))
+        jobs.append(build(request, opts, plan_for(request, opts), "kubeflow"))
     return jobs
 
 
 def test_pytorchjobs_match_the_crd_and_the_operators_rules(crd, tmp_path):
     (standalone,) = _docs(K8S / "pytorchjob.yaml")
-    for job in [standalone, *_launcher_jobs(tmp_path)]:
+    jobs = _launcher_jobs(tmp_path)
+    for job in [standalone, *jobs]:
         assert crd_errors(job, crd) == [] and webhook_errors(job) == []
+    assert jobs[-1]["spec"]["elasticPolicy"] == {"minReplicas": 2, "maxReplicas": 4, "rdzvBackend": "c10d",
+                                                 "maxRestarts": 3}
+    assert "elasticPolicy" not in jobs[0]["spec"]
+    # An elastic job's rendezvous runs on Worker 0's declared port: without them the operator cannot start it.
+    elastic = json.loads(json.dumps(jobs[-1]))
+    elastic["spec"]["elasticPolicy"]["minReplicas"] = 5
+    elastic["spec"]["elasticPolicy"]["rdzvBackends"] = "c10d"
+    assert crd_errors(elastic, crd) == ["spec.elasticPolicy: Additional properties are not allowed ('rdzvBackends' "
+                                        "was unexpected)"]
+    del elastic["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert webhook_errors(elastic) == ["elasticPolicy: minReplicas 5 > maxReplicas 4",
+                                       "elasticPolicy: no Worker to run the rendezvous on"]
     # The checks can fail: a misspelt field, a wrong type, two Masters, a renamed container.
     bad = json.loads(json.dumps(standalone))
     bad["spec"]["nprocsPerNode"] = "1"
@@ -149,30 +173,9 @@ def test_the_standalone_job_runs_the_launchers_pod_and_trains_from_s3_to_s3():
 
 # ------------------------------------------------------------------------------------ compiled pipeline
 
-def _executor_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each executor as the Pod KFP's backend would run its container (less KFP's own launcher
-    wrapping): image, command, env and the Secret's variables from the platform spec, accelerators."""
-    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
-    pods = {}
-    for name, executor in docs[0]["deploymentSpec"]["executors"].items():
-        c = executor["container"]
-        env = [{"name": e["name"], "value": e["value"]} for e in c.get("env", [])]
-        for ref in platform.get(name, {}).get("secretAsEnv", []):
-            env += [{"name": m["envVar"], "valueFrom": {"secretKeyRef": {"name": ref["secretName"],
-                                                                         "key": m["secretKey"]}}}
-                    for m in ref["keyToEnv"]]
-        accelerator = c.get("resources", {}).get("accelerator")
-        limits = {accelerator["resourceType"]: str(accelerator["resourceCount"])} if accelerator else {}
-        container = {"name": "main", "image": c["image"], "command": c["command"], "args": c["args"], "env": env,
-                     "resources": {"limits": limits}}
-        pods[name] = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name.replace("exec-", "kfyolo-")},
-                      "spec": {"containers": [container]}}
-    return pods
-
-
 def test_the_compiled_cluster_pipeline_validates_and_wires_secret_and_gpus(tmp_path):
     _, docs = _compile(tmp_path, "--workers", "3", "--gpus-per-worker", "2")
-    pods = _executor_pods(docs)
+    pods = executor_pods(docs)
     for pod in pods.values():
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
     env_of = {n: {e["name"]: e for e in p["spec"]["containers"][0]["env"]} for n, p in pods.items()}
@@ -195,7 +198,7 @@ def test_the_compiled_cluster_pipeline_validates_and_wires_secret_and_gpus(tmp_p
 def test_kfps_own_secret_is_mapped_and_bad_settings_fail_the_compile(tmp_path, capsys):
     _, docs = _compile(tmp_path, "--s3-secret", "mlpipeline-minio-artifact", "--s3-endpoint",
                        "http://minio-service.kubeflow:9000")
-    env = {e["name"]: e for e in _executor_pods(docs)["exec-train-block"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e for e in executor_pods(docs)["exec-train-block"]["spec"]["containers"][0]["env"]}
     assert env["S3_ENDPOINT"] == {"name": "S3_ENDPOINT", "value": "http://minio-service.kubeflow:9000"}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mlpipeline-minio-artifact",
                                                                          "key": "secretkey"}
@@ -210,43 +213,10 @@ def test_kfps_own_secret_is_mapped_and_bad_settings_fail_the_compile(tmp_path, c
         assert message in capsys.readouterr().err and not out.exists()
 
 
-def _compiled_jobs(tmp_path: Path, docs: list[dict[str, Any]], monkeypatch) -> list[dict[str, Any]]:
-    """The PyTorchJob each train-block task creates: its compiled parameters (defaults for pipeline
-    parameters, a concrete run id for the placeholder) passed to the component, against a fake
-    cluster whose job fails at once (only the manifest matters here)."""
-    defaults = {k: v.get("defaultValue") for k, v in docs[0]["root"]["inputDefinitions"]["parameters"].items()}
-    created: list[dict[str, Any]] = []
-    cluster = FakeCluster(script=(Step("Failed", reason="Stop"),), on_create=created.append)
-    monkeypatch.setattr(KubernetesCluster, "connect", classmethod(lambda cls, namespace="": cluster))
-    root = tmp_path / "artifacts"
-    ds = root / "dataset"
-    (ds / "images").mkdir(parents=True)
-    (ds / "data.yaml").write_text("path: .\ntrain: images\nval: images\nnames: {0: a}\n")
-    (root / "cw.json").write_text('{"class_weights": [1.0]}')
-    save_checkpoint({"model": {}, "spec": {}, "names": [], "epoch": 0}, root / "prev" / "weights" / "last.pt")
-    (root / "eval").mkdir()
-    (root / "eval" / "maps.json").write_text('{"maps": [0.5]}')
-    tasks = {k: t for k, t in docs[0]["root"]["dag"]["tasks"].items() if k.startswith("train-block")}
-    for name, task in sorted(tasks.items()):
-        kwargs = {}
-        for key, value in task["inputs"]["parameters"].items():
-            raw = value["runtimeValue"]["constant"] if "runtimeValue" in value else \
-                defaults[value["componentInputParameter"]]
-            kwargs[key] = raw.replace("{{$.pipeline_job_uuid}}", "0f6b1c2e-1a2b-4c3d-9e8f-0123456789ab") \
-                if isinstance(raw, str) else int(raw) if isinstance(raw, float) and raw.is_integer() else raw
-        kwargs["batch_size"] = 8 * kwargs["workers"] * kwargs["gpus_per_worker"]
-        previous = {"checkpoint": Model(name="c", uri=str(root / "prev")),
-                    "evaluation": Artifact(name="e", uri=str(root / "eval"))} if kwargs["block"] else {}
-        with pytest.raises(TrainLaunchError, match="Stop"):
-            train_block.component(IMAGE).python_func(
-                dataset=Dataset(name="d", uri=str(ds)), class_weights=Artifact(name="w", uri=str(root / "cw.json")),
-                model=Model(name="m", uri=str(root / name)), **previous, **kwargs)
-    return created
-
-
-def test_the_jobs_the_compiled_pipeline_creates_match_the_crd(crd, s3, tmp_path, monkeypatch):
-    _, docs = _compile(tmp_path, "--workers", "3", "--gpus-per-worker", "2")
-    jobs = _compiled_jobs(tmp_path, docs, monkeypatch)
+@pytest.mark.parametrize("elastic", [(), ("--elastic", "2:4")])
+def test_the_jobs_the_compiled_pipeline_creates_match_the_crd(crd, s3, tmp_path, monkeypatch, elastic):
+    _, docs = _compile(tmp_path, "--workers", "3", "--gpus-per-worker", "2", *elastic)
+    jobs = compiled_jobs(tmp_path, docs, monkeypatch, IMAGE)
     assert [j["metadata"]["name"] for j in jobs] == ["kfyolo-0f6b1c2e-1a2b-4c3d-9e8f-0123456789ab-b0",
                                                       "kfyolo-0f6b1c2e-1a2b-4c3d-9e8f-0123456789ab-b1"]
     for job in jobs:
@@ -255,6 +225,8 @@ def test_the_jobs_the_compiled_pipeline_creates_match_the_crd(crd, s3, tmp_path,
         container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "2" and container["image"] == IMAGE
         assert job["spec"]["nprocPerNode"] == "2"
+        policy = job["spec"].get("elasticPolicy", {})
+        assert (policy.get("minReplicas"), policy.get("maxReplicas")) == ((2, 4) if elastic else (None, None))
         for pod in _pod_specs(job):  # the pod as a built-in kind, strictly
             kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod},
                                          K8S_VERSION, strict=True)
@@ -266,7 +238,9 @@ def test_rbac_grants_the_launchers_calls_and_nothing_more():
     role, binding = _docs(K8S / "rbac.yaml")
     rules = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
              for v in rule["verbs"]}
-    assert rules == {*(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "watch", "list", "delete")),
+    job_verbs = ("create", "get", "watch", "list", "delete")  # no update or patch: jobs are never edited
+    assert rules == {*(("kubeflow.org", "pytorchjobs", v) for v in job_verbs),
+                     *(("trainer.kubeflow.org", "trainjobs", v) for v in job_verbs),
                      *(("", "pods", v) for v in ("get", "list", "watch")), ("", "pods/log", "get")}
     assert role["kind"] == "Role" and binding["kind"] == "RoleBinding"  # namespaced, never cluster-wide
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
@@ -277,9 +251,9 @@ def test_rbac_grants_the_launchers_calls_and_nothing_more():
 
 
 def test_pods_run_as_non_root_and_images_are_pinned(tmp_path):
-    docs = [d for ds in _all_manifests().values() for d in ds] + _launcher_jobs(tmp_path)
+    docs = [d for ds in _all_manifests().values() for d in ds] + _launcher_jobs(tmp_path, trainjobs=True)
     pods = [p for d in docs for p in _pod_specs(d)]
-    assert len(pods) >= 8
+    assert len(pods) >= 14
     for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == POD_USER
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -316,12 +290,12 @@ def test_no_credential_appears_in_any_manifest_pipeline_or_job(tmp_path, monkeyp
     kfp_secret = ("--s3-secret", "mlpipeline-minio-artifact", "--s3-endpoint", "http://minio:9000")
     compiled = [_compile(tmp_path, name="a.yaml")[0], _compile(tmp_path, *kfp_secret, name="b.yaml")[0]]
     texts = {p.name: p.read_text() for p in [*K8S.glob("*.yaml"), ROOT / "Dockerfile", ROOT / "README.md", *compiled]}
-    texts.update({f"job{i}": json.dumps(j) for i, j in enumerate(_launcher_jobs(tmp_path))})
+    texts.update({f"job{i}": json.dumps(j) for i, j in enumerate(_launcher_jobs(tmp_path, trainjobs=True))})
     for name, text in texts.items():
         for pattern in SECRET_PATTERNS:
             assert not pattern.search(text), f"{name}: {pattern.pattern}"
     structured = [d for p in [*K8S.glob("*.yaml"), *compiled] for d in yaml.safe_load_all(p.read_text()) if d]
-    for node in _walk(structured + _launcher_jobs(tmp_path)):
+    for node in _walk(structured + _launcher_jobs(tmp_path, trainjobs=True)):
         if isinstance(node.get("name"), str) and SECRET_NAME.search(node["name"]) and "value" in node:
             pytest.fail(f"{node['name']} has a literal value instead of a secretKeyRef")
     (secret,) = _docs(K8S / "s3-secret.yaml")
@@ -344,7 +318,7 @@ def test_the_kustomization_ties_the_manifests_together():
     assert ("Secret", S3Secret().name) in names  # the name the launcher and the compiled steps use
     for doc in rendered:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    refs = {r["secretKeyRef"]["name"] for d in _docs(K8S / "minio.yaml") + _docs(K8S / "pytorchjob.yaml")
+    refs = {r["secretKeyRef"]["name"] for f in SEPARATE for d in _docs(K8S / f)
             for r in (n.get("valueFrom") for n in _walk(d)) if r}
     assert refs == {S3Secret().name}
 
@@ -385,9 +359,13 @@ def _check_command(line: str, tmp_path: Path, seen: set[str]) -> None:
                 for d in _docs(K8S / "minio.yaml") if d["kind"] == "Service"}
     services["ml-pipeline-ui"] = {80}  # KFP's own UI service (not ours)
     (job,) = _docs(K8S / "pytorchjob.yaml")
+    (trainjob,) = _docs(K8S / "trainjob.yaml")
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
     if argv[:2] == ["kubectl", "apply"] and "--server-side" in argv:
-        assert re.search(r"training-operator\.git/manifests/overlays/standalone\?ref=v1\.\d+\.\d+$", argv[-1])
+        # Trainer v2: the version whose CRDs the TrainJobs are checked against (test_trainjob_manifests.py).
+        assert re.search(r"training-operator\.git/manifests/overlays/standalone\?ref=v1\.\d+\.\d+$", argv[-1]) or \
+            re.search(r"^https://github\.com/kubeflow/trainer\.git/manifests/overlays/(manager|runtimes)"
+                      r"\?ref=v2\.3\.0$", argv[-1]), line
     elif argv[:2] == ["kubectl", "apply"]:
         flag = "-k" if "-k" in argv else "-f"
         target = ROOT / argv[argv.index(flag) + 1]
@@ -399,10 +377,17 @@ def _check_command(line: str, tmp_path: Path, seen: set[str]) -> None:
         if verb == "port-forward":
             service, ports = argv[4].split("/", 1)[1], argv[5].split(":")
             assert int(ports[1]) in services[service], line
+        elif verb == "get" and argv[4] in ("trainjob", "trainjobs"):
+            assert argv[5:6] in ([], ["-w"], [trainjob["metadata"]["name"]]), line
         elif verb == "get":
             assert argv[4] in ("pytorchjob", "pytorchjobs") and argv[5:6] in ([], ["-w"], [job["metadata"]["name"]])
+        elif verb == "logs" and "-l" in argv:  # a TrainJob's node 0, by the labels the launcher follows too
+            assert argv[argv.index("-l") + 1] == TRAINJOB.master(trainjob["metadata"]["name"]), line
+            assert argv[argv.index("-c") + 1] == TRAINJOB.container, line
         elif verb == "logs":
             assert argv[-1] == f"{job['metadata']['name']}-master-0"
+        elif verb == "delete":
+            assert argv[4:] == ["trainjob", trainjob["metadata"]["name"]], line
         else:
             pytest.fail(f"unchecked kubectl command: {line}")
     elif argv[:2] == ["make", "image"]:
@@ -437,7 +422,7 @@ def _check_command(line: str, tmp_path: Path, seen: set[str]) -> None:
         pytest.fail(f"README command nobody checks: {line}")
 
 
-@pytest.mark.parametrize("title", ["Run on Kubeflow", "kubectl only"])
+@pytest.mark.parametrize("title", ["Run on Kubeflow", "kubectl only", "Run on Kubeflow Trainer v2"])
 def test_every_readme_cluster_command_is_exercised_or_validated(title, s3, tmp_path, monkeypatch):
     from trainer.storage import Storage
 

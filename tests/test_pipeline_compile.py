@@ -41,6 +41,13 @@ def test_blocks_are_unrolled_and_chained(tmp_path, blocks):
         assert _producer(tasks[trains[k]], "class_weights") == ("class-weights", "weights")
     assert _producer(tasks["report"], "model") == (trains[-1], "model")
     assert _producer(tasks["report"], "evaluation") == (evals[-1], "evaluation")
+    # The export step: the last block's model as ONNX, its artifacts into the report.
+    assert _producer(tasks["export-model"], "model") == (trains[-1], "model")
+    assert _producer(tasks["export-model"], "dataset") == ("prepare-dataset", "dataset")
+    assert _producer(tasks["report"], "exported_model") == ("export-model", "onnx_model")
+    assert _producer(tasks["report"], "exported_predictions") == ("export-model", "predictions")
+    outputs = spec["components"]["comp-export-model"]["outputDefinitions"]["artifacts"]
+    assert outputs["onnx_model"]["artifactType"]["schemaTitle"] == "system.Model"
 
 
 def test_every_step_runs_in_the_given_image_and_defaults_are_constants(tmp_path, monkeypatch):

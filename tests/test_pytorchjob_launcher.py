@@ -304,7 +304,7 @@ def test_the_component_runs_the_launcher_with_its_parameters(s3, tmp_path, datas
     request = _request(tmp_path, world_size=4)
     opts = _opts(nodes=4, timeout_s=3600)
     cluster = FakeCluster(script=(Step("Succeeded"),), on_create=_pods_write(request, opts))  # no real sleeps
-    monkeypatch.setattr(KubernetesCluster, "connect", classmethod(lambda cls, namespace="": cluster))
+    monkeypatch.setattr(KubernetesCluster, "connect", classmethod(lambda cls, namespace="", kind=None: cluster))
     model = Model(name="model", uri=str(request.run_dir))
     train_block.component("kfyolo:test").python_func(
         dataset=Dataset(name="d", uri=str(dataset)), class_weights=Artifact(name="cw", uri=request.class_weights),
@@ -404,3 +404,22 @@ def test_the_pods_fetch_step(s3, tmp_path, capsys):
     assert "error: " in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fetch", "s3://kfyolo/jobs/x/inputs/cw.json"])
+
+
+def test_an_elastic_job_gets_a_c10d_elastic_policy_and_batches_that_fit_every_size(s3, tmp_path, dataset):
+    request = _request(tmp_path, world_size=2)
+    opts = _opts(nodes=2, elastic_min=1, elastic_max=3)
+    job = build_job(request, opts, plan_for(request, opts), "team-a")
+    assert job["spec"]["elasticPolicy"] == {"minReplicas": 1, "maxReplicas": 3, "rdzvBackend": "c10d",
+                                            "maxRestarts": 3}
+    assert webhook_errors(job) == [] and "elasticPolicy" not in build_job(request, _opts(), plan_for(
+        request, _opts()), "team-a")["spec"]
+    # The batch must divide by every world size the job may run at: 12 does by 1, 2 and 3; 8 not by 3.
+    _run(request, opts, dataset, FakeCluster(script=(Step("Succeeded"),), on_create=_pods_write(request, opts)))
+    eight = TrainRequest(**{**request.__dict__, "batch_size": 8, "run_dir": tmp_path / "eight"})
+    with pytest.raises(ValueError, match=r"batch size 8 must be a multiple of the world size on 3 node\(s\) \(3\)"):
+        _run(eight, opts, dataset, FakeCluster())
+    for bad, match in (({"elastic_min": 3, "elastic_max": 4}, r"1 <= min <= nodes \(2\) <= max"),
+                       ({"nodes": 1, "elastic_min": 1, "elastic_max": 2}, "needs nodes >= 2")):
+        with pytest.raises(ValueError, match=match):
+            _opts(**{"nodes": 2, **bad})

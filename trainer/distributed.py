@@ -84,15 +84,28 @@ def init_distributed(ctx: DistContext, device: torch.device, timeout_s: float = 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout,
+                                store=_attempt_store(ctx, timeout))
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]  # torch appends a C++ backtrace
         raise DistributedError(f"rank {ctx.rank}: cannot join the process group at {addr} within "
                                f"{timeout_s:g} s ({type(e).__name__}: {first_line})") from None
     log.info("rank %d/%d joined %s process group at %s", ctx.rank, ctx.world_size, backend, addr)
     return dataclasses.replace(ctx, backend=backend)
+
+
+def _attempt_store(ctx: DistContext, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store under a prefix of its own per restart. torchrun's c10d
+    rendezvous keeps one store server across restarts, and torch does not prefix the process group's
+    keys by attempt: after `--max-restarts` restarted the workers, a rank could read the gloo address
+    its dead predecessor left there and time out connecting to it. None: torch's env:// default."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"kfyolo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def cleanup() -> None:

@@ -5,6 +5,8 @@
 The input is an official ultralytics YOLOv5 `.pt` (read without executing its pickled code) or a
 kfyolo checkpoint (its inference part is kept: model, architecture, names). fp16 tensors become
 fp32. The architecture, class names, strides and anchors travel with the weights.
+`python -m trainer.export --format checkpoint` does the same and then checks the file like its
+ONNX and TorchScript exports.
 """
 
 from __future__ import annotations

@@ -87,6 +87,20 @@ def _draw_boxes(tile: np.ndarray, rows: np.ndarray, names: Sequence[str] | None,
         cv2.putText(tile, label, (p1[0] + 1, top - 2), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1, cv2.LINE_AA)
 
 
+def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                    names: Sequence[str] | None = None) -> np.ndarray:
+    """A copy of an (H, W, 3) BGR image with (n, 4) xyxy pixel boxes, class names and scores drawn."""
+    h, w = image.shape[:2]
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    rows = np.zeros((len(boxes), 7))  # _draw_boxes' (n, 7) [img, cls, cx, cy, w, h, conf], normalised
+    rows[:, 1], rows[:, 6] = classes, scores
+    rows[:, 2], rows[:, 3] = (boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h
+    rows[:, 4], rows[:, 5] = (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h
+    rgb = np.ascontiguousarray(image[:, :, ::-1])  # class_colour is RGB
+    _draw_boxes(rgb, rows, names, max(0.4, min(h, w) / 800), conf_thres=0.0)
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
 def plot_results_csv(csv_path: str | Path, out: str | Path | None = None) -> Path:
     """Loss and metric curves from results.csv into results.png (one panel per column)."""
     import matplotlib

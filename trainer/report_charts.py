@@ -207,6 +207,7 @@ class PageInput:
     dataset: dict[str, dict[str, Any]]
     generated: str
     baseline: dict[str, Any] | None = None  # trainer.report.study_baseline: per-class AP of the uniform sampler
+    predicted: tuple[Path, ...] | None = None  # annotated val images of the exported model (None: no export step)
 
 
 def draw_share(records: Sequence[dict[str, Any]], first: int, last: int, nc: int) -> np.ndarray:
@@ -439,6 +440,10 @@ def _samples(p: PageInput) -> str:
             out.append('<div class="grid">' + "".join(figs) + "</div>")
     else:
         out.append('<p class="note">No evaluation: no validation predictions to show.</p>')
+    if p.predicted is not None:
+        shown = [figure(image_uri(path), f"{path.name}, predicted by the exported model") for path in p.predicted]
+        out.append("<h3>Predictions of the exported model</h3>" + ('<div class="grid">' + "".join(shown) + "</div>" if any(shown) else
+                   '<p class="note">The export step wrote no predicted images.</p>'))
     train = figure(image_uri(p.run.path / "train_batch0.jpg"), "first training batch (as drawn, augmented)")
     out.append(train or "")
     if not train:

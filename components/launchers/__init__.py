@@ -1,8 +1,10 @@
 """How a training block runs: the request (what to train) and the launchers (where).
 
 `local` runs `torchrun --nproc_per_node N` subprocesses on this machine (gloo on CPU, nccl on
-GPUs). `pytorchjob` (see pytorchjob.py) runs the same trainer command line as a Kubeflow
-PyTorchJob. Both take a `TrainRequest` and leave the block's run folder in `request.run_dir`.
+GPUs). `pytorchjob` (pytorchjob.py) and `trainjob` (trainjob.py) run the same trainer command line
+as a Kubeflow PyTorchJob or a Kubeflow Trainer v2 TrainJob, through one shared path (clusterjob.py,
+its S3 side staging.py).
+All take a `TrainRequest` and leave the block's run folder in `request.run_dir`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class TrainRequest:
     batch_size: int = 16           # total over all ranks
     optimizer: str = "SGD"
     nbs: int = 64                  # nominal batch of an optimizer step
-    world_size: int = 1            # processes (local) or nodes x processes (pytorchjob)
+    world_size: int = 1            # processes (local) or nodes x processes (cluster jobs)
     image_weights: bool = True     # --image-weights (the classic sampler) when `sampler` is ""
     sampler: str = ""              # uniform, classic, rfs or adaptive (see trainer/data/samplers.py)
     rfs_t: float = 0.1
@@ -73,7 +75,7 @@ class TrainRequest:
         args = ["--data", self.data_yaml, "--cfg", self.cfg, "--imgsz", str(self.imgsz),
                 "--batch-size", str(self.batch_size), "--optimizer", self.optimizer, "--nbs", str(self.nbs), "--epochs", str(self.blocks * self.epochs_per_block),
                 "--seed", str(self.seed), "--project", parent or ".", "--name", name, "--exist-ok",
-                "--patience", "0", *common]
+                "--patience", "0", "--auto-resume", *common]  # a restarted pod resumes its last.pt
         args += ["--val-every", str(self.val_every)] if self.val_every > 0 else ["--noval"]
         args += ["--weights", self.weights] if self.weights else []
         if self.sampler:

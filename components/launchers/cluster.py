@@ -1,29 +1,41 @@
-"""The cluster boundary of the PyTorchJob launcher: four calls behind one small Protocol.
+"""The cluster boundary of the job launchers: four calls behind one small Protocol.
 
-    create(job)          submit a PyTorchJob (kubeflow.org/v1) manifest; JobExists if the name is taken
+    create(job)          submit a job manifest; JobExists if the name is taken
     status(name)         its conditions and pod restarts, or None once it is gone
-    logs(name, since)    the master container's log lines stamped after `since`
+    logs(name, since)    the rank-0 node's training container's log lines stamped after `since`
     delete(name)         remove it and its pods (a missing job is not an error)
 
-Everything else in the launcher is plain logic, tested against an in-process fake of this Protocol
-(tests/fake_cluster.py). `KubernetesCluster` is the only code here that talks to an API server,
-so it stays thin. It needs, in the job's namespace, what k8s/rbac.yaml grants: create, get, list,
-watch and delete on pytorchjobs; get, list and watch on pods; get on pods/log.
+Two kinds of job speak it: the training operator's PyTorchJob (kubeflow.org/v1, legacy) and Kubeflow
+Trainer v2's TrainJob (trainer.kubeflow.org/v1alpha1). A `JobKind` says what differs between them at
+this boundary: the API resource, which pods are the job's and which is rank 0's, and how the status
+reads (`JobState` / `TrainJobState`). Everything else in the launcher is plain logic, tested against
+an in-process fake of this Protocol (tests/fake_cluster.py). `KubernetesCluster` is the only code here
+that talks to an API server, so it stays thin: CustomObjectsApi with plain dicts for either kind (the
+`kubeflow` SDK's TrainerClient builds its own trainer/runtime abstractions, reads runtimes, which
+needs more RBAC, and has no room for our spec-hash adoption). It needs, in the job's namespace, what
+k8s/rbac.yaml grants: create, get, list, watch and delete on the job kind; get, list and watch on
+pods; get on pods/log.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"                      # the operator injects its variables into this container only
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
+# A TrainJob runs as a JobSet of the same name; the torch runtime's one replicated job is `node`, an
+# Indexed Job whose completion index is the node rank, its training container also named `node`.
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 SPEC_HASH_ANNOTATION = "kfyolo/spec-hash"  # tells our job from a stranger's of the same name
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 KFP_SECRET = "mlpipeline-minio-artifact"   # KFP's own object-store Secret: keys accesskey / secretkey
@@ -42,7 +54,7 @@ class ClusterError(RuntimeError):
 
 
 class JobExists(ClusterError):
-    """create() found a PyTorchJob of that name already there."""
+    """create() found a job of that name already there."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +72,21 @@ class JobState:
     conditions: tuple[Condition, ...] = ()
     spec_hash: str = ""        # our annotation, "" when absent
     restarts: int = 0          # container restarts summed over the job's pods
+    SUCCEEDED: ClassVar[str] = "Succeeded"   # the phase of a job that finished well
 
     @property
     def phase(self) -> str:
         """The type of the newest true condition (the operator appends them in order), else Pending."""
         true = [c for c in self.conditions if c.status == "True"]
         return true[-1].type if true else "Pending"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.phase == self.SUCCEEDED
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed"
 
     def reason(self) -> str:
         """'Reason: message' of the condition that set the phase, '' when there is none."""
@@ -82,6 +103,59 @@ class JobState:
                                      str(c.get("message") or "")) for c in raw)
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
         return cls(conditions, str(annotations.get(SPEC_HASH_ANNOTATION, "")), restarts)
+
+
+@dataclass(frozen=True)
+class TrainJobState(JobState):
+    """A TrainJob's status: conditions keyed by type (Complete, Failed, Suspended; no order to read)
+    plus jobsStatus, whose active child Jobs say it runs."""
+
+    active: int = 0            # child Jobs with a pod running or pending
+    SUCCEEDED: ClassVar[str] = "Complete"
+
+    @property
+    def phase(self) -> str:
+        true = {c.type for c in self.conditions if c.status == "True"}
+        for kind in ("Failed", "Complete", "Suspended"):
+            if kind in true:
+                return kind
+        return "Running" if self.active else ("Created" if "Created" in true else "Pending")
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any], restarts: int = 0) -> "TrainJobState":
+        """From a TrainJob as the API returns it (a dict)."""
+        jobs = (obj.get("status") or {}).get("jobsStatus") or []
+        return replace(super().from_object(obj, restarts), active=sum(int(j.get("active") or 0) for j in jobs))
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of training job as the API serves it: its resource, its pods, how its status reads."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    container: str                          # the training container (the controller injects PET_* there)
+    name_label: str                         # on every pod of the job, valued with the job's name
+    master_labels: tuple[tuple[str, str], ...]  # ... and these on the rank-0 node's pod
+    state: type[JobState]
+    controller: str                         # what serves the kind, for the hint when it is missing
+
+    def pods(self, name: str) -> str:
+        """The label selector of the job's pods."""
+        return f"{self.name_label}={name}"
+
+    def master(self, name: str) -> str:
+        """The label selector of the rank-0 node's pod."""
+        return ",".join([self.pods(name), *(f"{k}={v}" for k, v in self.master_labels)])
+
+
+PYTORCHJOB = JobKind(KIND, GROUP, VERSION, PLURAL, CONTAINER, JOB_NAME_LABEL, ((JOB_ROLE_LABEL, "master"),), JobState,
+                     "the Kubeflow training operator (the PyTorchJob CRD)")
+TRAINJOB = JobKind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "node", JOBSET_NAME_LABEL,
+                   ((REPLICATED_JOB_LABEL, "node"), (COMPLETION_INDEX_LABEL, "0")), TrainJobState,
+                   "Kubeflow Trainer v2 (the TrainJob CRD)")
 
 
 @dataclass(frozen=True, order=True)
@@ -164,14 +238,15 @@ def current_namespace() -> str:
 
 
 class KubernetesCluster:
-    """The Protocol over the `kubernetes` client: CustomObjectsApi for jobs, CoreV1Api for pods."""
+    """The Protocol over the `kubernetes` client: CustomObjectsApi for jobs of one kind, CoreV1Api for pods."""
 
     def __init__(self, namespace: str, custom_api: Any, core_api: Any,
-                 now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc)):
-        self.namespace, self._custom, self._core, self._now = namespace, custom_api, core_api, now
+                 now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.timezone.utc),
+                 kind: JobKind = PYTORCHJOB):
+        self.namespace, self._custom, self._core, self._now, self.kind = namespace, custom_api, core_api, now, kind
 
     @classmethod
-    def connect(cls, namespace: str = "") -> "KubernetesCluster":
+    def connect(cls, namespace: str = "", kind: JobKind = PYTORCHJOB) -> "KubernetesCluster":
         """In a pod: its service account; elsewhere: the kubeconfig's current context."""
         from kubernetes import client, config
 
@@ -182,40 +257,45 @@ class KubernetesCluster:
                 config.load_kube_config()
             except (config.ConfigException, OSError) as e:
                 raise ClusterError(f"no in-cluster service account and no usable kubeconfig ({e})") from e
-        return cls(namespace or current_namespace(), client.CustomObjectsApi(), client.CoreV1Api())
+        return cls(namespace or current_namespace(), client.CustomObjectsApi(), client.CoreV1Api(), kind=kind)
+
+    def _resource(self) -> tuple[str, str, str, str]:
+        return self.kind.group, self.kind.version, self.namespace, self.kind.plural
 
     def create(self, job: dict[str, Any]) -> None:
         name = job["metadata"]["name"]
-        self._call(f"create PyTorchJob {name}", lambda: self._custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, job), exists=True)
+        self._call(f"create {self.kind.kind} {name}", lambda: self._custom.create_namespaced_custom_object(
+            *self._resource(), job), exists=True)
 
     def status(self, name: str) -> JobState | None:
-        obj = self._call(f"get PyTorchJob {name}", lambda: self._custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name), missing_ok=True)
+        obj = self._call(f"get {self.kind.kind} {name}", lambda: self._custom.get_namespaced_custom_object(
+            *self._resource(), name), missing_ok=True)
         if obj is None:
             return None
-        pods = self._pods(f"{JOB_NAME_LABEL}={name}")
+        pods = self._pods(self.kind.pods(name))
         restarts = sum(cs.restart_count or 0 for p in pods for cs in (p.status.container_statuses or []))
-        return JobState.from_object(obj, restarts)
+        return self.kind.state.from_object(obj, restarts)
 
     def logs(self, name: str, since: str = "") -> list[LogLine]:
-        pods = [p for p in self._pods(f"{JOB_NAME_LABEL}={name},{JOB_ROLE_LABEL}=master")
-                if p.status.phase not in (None, "Pending")]
+        pods = [p for p in self._pods(self.kind.master(name)) if p.status.phase not in (None, "Pending")]
         if not pods:
             return []
+        # A TrainJob's node 0 may have a failed pod beside its replacement: follow the running, newest one.
+        pods.sort(key=lambda p: (p.status.phase == "Running", _created(p)), reverse=True)
         window = None
         if since:  # ask only for the recent past (plus a minute for clock skew), then drop what we had
             age = self._now() - datetime.datetime.fromisoformat(since[:19] + "+00:00")
             window = max(1, int(age.total_seconds()) + 60)
         text = self._call(f"read the log of {pods[0].metadata.name}", lambda: self._core.read_namespaced_pod_log(
-            pods[0].metadata.name, self.namespace, container=CONTAINER, timestamps=True, since_seconds=window),
+            pods[0].metadata.name, self.namespace, container=self.kind.container, timestamps=True,
+            since_seconds=window),
             missing_ok=True, unready_ok=True)
         return [line for line in parse_log(text or "") if line.stamp > since]
 
     def delete(self, name: str) -> None:
         # Foreground: the job disappears only after its pods, so a new job of the same name starts clean.
-        self._call(f"delete PyTorchJob {name}", lambda: self._custom.delete_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name, body={"propagationPolicy": "Foreground"}), missing_ok=True)
+        self._call(f"delete {self.kind.kind} {name}", lambda: self._custom.delete_namespaced_custom_object(
+            *self._resource(), name, body={"propagationPolicy": "Foreground"}), missing_ok=True)
 
     def _pods(self, selector: str) -> list[Any]:
         return self._call(f"list pods ({selector})", lambda: self._core.list_namespaced_pod(
@@ -235,11 +315,25 @@ class KubernetesCluster:
             if e.status == 400 and unready_ok:  # the container is still being created
                 return None
             if e.status == 409 and exists:
-                raise JobExists(f"{what}: a PyTorchJob of that name exists in {self.namespace}") from e
+                raise JobExists(f"{what}: a {self.kind.kind} of that name exists in {self.namespace}") from e
             hint = {403: f"; apply k8s/rbac.yaml for this service account in {self.namespace}",
-                    404: "; is the Kubeflow training operator (the PyTorchJob CRD) installed?"}.get(e.status, "")
-            raise ClusterError(f"{what} in namespace {self.namespace}: HTTP {e.status} {e.reason}{hint}",
-                               transient=e.status in TRANSIENT_STATUS) from e
+                    404: f"; is {self.kind.controller} installed?"}.get(e.status, "")
+            raise ClusterError(f"{what} in namespace {self.namespace}: HTTP {e.status} {e.reason}"
+                               f"{_api_message(e.body)}{hint}", transient=e.status in TRANSIENT_STATUS) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise ClusterError(f"{what}: the API server is unreachable ({type(e).__name__}: {e})",
                                transient=True) from e
+
+
+def _created(pod: Any) -> float:
+    stamp = getattr(pod.metadata, "creation_timestamp", None)
+    return stamp.timestamp() if stamp else 0.0
+
+
+def _api_message(body: Any) -> str:
+    """': <message>' of an API error's Status body (what a schema check or admission webhook said), else ''."""
+    try:
+        message = json.loads(body).get("message", "") if body else ""
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    return f": {message}" if isinstance(message, str) and message else ""

@@ -1,5 +1,5 @@
-"""Watching a PyTorchJob: poll its conditions until it ends, stream the master's log, and adopt
-the job an earlier attempt of the same step created (see components/launchers/pytorchjob.py)."""
+"""Watching a training job of any kind: poll its status until it ends, stream the master's log, and
+adopt the job an earlier attempt of the same step created (see components/launchers/clusterjob.py)."""
 
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ class Clock:
 
 
 def watch(cluster: Cluster, name: str, timeout_s: float, poll_s: float, follower: LogFollower,
-          clock: Clock = Clock(), api_retries: int = 5) -> JobState:
+          clock: Clock = Clock(), api_retries: int = 5, kind: str = "PyTorchJob") -> JobState:
     """Poll the job until it succeeds (returned) or fails, vanishes or outlasts `timeout_s`
     (TrainLaunchError). Transient API errors are retried `api_retries` times in a row."""
-    where, say = f"PyTorchJob {cluster.namespace}/{name}", follower.say
+    where, say = f"{kind} {cluster.namespace}/{name}", follower.say
     deadline = clock.now() + timeout_s
     phase, restarts, failures = "", 0, 0
     while True:
@@ -76,9 +76,9 @@ def watch(cluster: Cluster, name: str, timeout_s: float, poll_s: float, follower
             restarts = state.restarts
             say(f"[kfyolo] {where}: its pods have restarted {restarts} time(s); the log continues with the new one")
         follower.feed(lines)
-        if phase == "Succeeded":
+        if state.succeeded:
             return state
-        if phase == "Failed":
+        if state.failed:
             raise TrainLaunchError(f"{where} failed: {state.reason() or 'no reason given'}{follower.summary()}")
         if clock.now() >= deadline:
             raise TrainLaunchError(f"{where} timed out: still {phase} after {timeout_s:g} s{follower.summary()}")
@@ -89,22 +89,23 @@ def adopt(cluster: Cluster, job: dict[str, Any], say: Callable[[str], None], clo
     """True when a job of this name, made from this very spec, is running or done: watch it rather
     than create another. A failed one is deleted (False: create anew); a stranger's is an error."""
     name, want = job["metadata"]["name"], job["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    kind = job["kind"]
     state = cluster.status(name)
     if state is None:
         return False
     if state.spec_hash != want:
-        raise TrainLaunchError(f"PyTorchJob {cluster.namespace}/{name} exists but was not made from this block's "
+        raise TrainLaunchError(f"{kind} {cluster.namespace}/{name} exists but was not made from this block's "
                                f"spec (hash {state.spec_hash or 'none'}, expected {want}); delete it or start a "
                                "new run")
-    if state.phase != "Failed":
-        say(f"[kfyolo] adopting PyTorchJob {name} ({state.phase}) created by an earlier attempt of this step")
+    if not state.failed:
+        say(f"[kfyolo] adopting {kind} {name} ({state.phase}) created by an earlier attempt of this step")
         return True
-    say(f"[kfyolo] PyTorchJob {name} of an earlier attempt failed ({state.reason()}); replacing it")
+    say(f"[kfyolo] {kind} {name} of an earlier attempt failed ({state.reason()}); replacing it")
     cluster.delete(name)
     deadline = clock.now() + DELETE_WAIT_S
     while cluster.status(name) is not None:
         if clock.now() >= deadline:
-            raise TrainLaunchError(f"PyTorchJob {cluster.namespace}/{name} still exists {DELETE_WAIT_S} s after "
+            raise TrainLaunchError(f"{kind} {cluster.namespace}/{name} still exists {DELETE_WAIT_S} s after "
                                    "deleting it")
         clock.sleep(poll_s)
     return False

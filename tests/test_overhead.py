@@ -1,0 +1,57 @@
+"""run-local's time split: training and validation from results.csv, evaluations from metrics.json."""
+
+import json
+
+from pipelines.__main__ import overhead_summary
+
+
+def test_overhead_split_counts_each_evaluation_once(tmp_path):
+    run = tmp_path / "run"
+    (run / "evaluations" / "block0").mkdir(parents=True)
+    (run / "results.csv").write_text("epoch,total,train_s,val_s\n0,0.2,30.0,2.0\n1,0.1,28.0,0\n")
+    evaluation = {"seconds": 4.0, "per_class": [{"class": "a", "ap": 0.5}]}
+    (run / "evaluations" / "block0" / "metrics.json").write_text(json.dumps(evaluation))
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "metrics.json").write_text(json.dumps({**evaluation, "seconds": 6.0}))
+    (tmp_path / "copy").mkdir()  # the same evaluation published twice counts once
+    (tmp_path / "copy" / "metrics.json").write_text(json.dumps(evaluation))
+    line = overhead_summary(tmp_path, wall=100.0)
+    assert "training 58 s, validation 2 s, evaluation 10 s (2 steps)" in line
+    assert "30 s = 30.0 % of 100 s" in line
+
+
+def test_overhead_without_results_is_all_overhead(tmp_path):
+    assert "everything else (start-up, imports, staging, plots, report) 5 s = 100.0 % of 5 s" in \
+        overhead_summary(tmp_path, wall=5.0)
+
+
+def test_epochs_stream_to_the_console_while_a_step_runs(tmp_path, monkeypatch):
+    """The trainer appends a line per epoch to $KFYOLO_PROGRESS; run-local's tail echoes each one."""
+    import io
+    import threading
+
+    from pipelines.__main__ import tail_progress
+    from trainer.runlog import RunLogger
+
+    progress = tmp_path / "progress.log"
+    progress.touch()
+    console, stop = io.StringIO(), threading.Event()
+    tail = threading.Thread(target=tail_progress, args=(progress, console, stop, 0.05))
+    tail.start()
+    monkeypatch.setenv("KFYOLO_PROGRESS", str(progress))
+    (tmp_path / "run").mkdir()
+    logger = RunLogger(tmp_path / "run", ["a"], tensorboard=False)
+    logger.epoch_end(0, {"box": 0.1, "obj": 0.02, "cls": 0.03, "total": 0.15, "train_s": 9.6, "val_s": 0.0})
+    logger.epoch_end(1, {"box": 0.09, "obj": 0.02, "cls": 0.03, "total": 0.14, "precision": 0.5, "recall": 0.4,
+                         "map50": 0.321, "map": 0.2, "train_s": 9.0, "val_s": 2.2})
+    logger.close()
+    stop.set()
+    tail.join(timeout=5)
+    lines = console.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("epoch 0: box 0.1000  obj 0.0200  cls 0.0300  (10 s)")
+    assert "epoch 1: box 0.0900" in lines[1] and "mAP@.5 0.321  mAP@.5:.95 0.200  (11 s)" in lines[1]
+    monkeypatch.setenv("KFYOLO_PROGRESS", str(tmp_path / "no" / "such" / "dir" / "p.log"))
+    (tmp_path / "run2").mkdir()
+    quiet = RunLogger(tmp_path / "run2", ["a"], tensorboard=False)
+    quiet.epoch_end(0, {"total": 0.1})  # an unwritable progress file never fails training
+    quiet.close()
