@@ -432,3 +432,16 @@ def test_study_baseline_column(tmp_path):
     study.write_text(json.dumps({"summary": {"other": {"names": ["x", "y", "z", "w"], "variants": {"uniform": row}}}}))
     build_report(run, [evaluation], out, study=study)
     assert "Uniform baseline" not in out.read_text()
+
+
+def test_classes_without_training_labels_are_never_the_rarest():
+    """COCO128 has 9 classes with no training label: the rarest is the rarest of those with labels."""
+    from trainer.report import summarise
+
+    names = ("a", "b", "c", "d")
+    counts = np.array([50, 0, 3, 0])
+    run = type("Run", (), {"weighting": [], "opt": {}, "results": {}})()
+    s = summarise("t", run, [], names, counts, None)
+    assert s.rare_classes == (2,) and s.rare_class == "c"
+    s = summarise("t", run, [], names, np.array([0, 0, 0, 0]), None)
+    assert s.rare_classes == () and s.rare_class is None

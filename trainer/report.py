@@ -257,8 +257,9 @@ def summarise(title: str, run: RunFiles, evals: Sequence[Evaluation], names: tup
     nc = len(names)
     share = counts / counts.sum() if counts is not None and counts.sum() > 0 else np.full(nc, np.nan)
     rare: tuple[int, ...] = ()  # ties kept: two classes equally rare are both highlighted
-    if np.isfinite(share).any():
-        rare = tuple(int(c) for c in np.flatnonzero(np.isclose(share, np.nanmin(share))))
+    labelled = np.isfinite(share) & (share > 0)  # a class with no training label is absent, not rare
+    if labelled.any():
+        rare = tuple(int(c) for c in np.flatnonzero(labelled & np.isclose(share, share[labelled].min())))
     blocks = block_ranges(len(evals), per_block)
     draws = [page.draw_share(run.weighting, a, b, nc) if a >= 0 else np.full(nc, np.nan) for a, b in blocks]
     metric = lambda key: tuple(_number(e.metrics.get(key)) for e in evals)  # noqa: E731
