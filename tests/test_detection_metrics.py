@@ -223,3 +223,20 @@ def test_confusion_matrix_empty_sides_and_threshold():
     # IoU exactly 0.5 is not above the threshold: a miss and a false alarm
     cm.update(np.array([[0, 0, 10, 10, 0.9, 0]]), np.array([[0, 0, 0, 10, 20]]))
     assert cm.matrix[0, 0] == 0 and cm.matrix[3, 0] == 1 and cm.matrix[0, 3] == 1
+
+
+def test_confusion_plot_of_80_classes_is_readable(tmp_path):
+    """COCO's 80 classes: the plot keeps the 29 classes with the most labels plus background, with
+    names, instead of an unreadable 81 x 81 grid."""
+    import cv2
+
+    from trainer.plots import plot_confusion_matrix
+
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 3, (81, 81)).astype(float)
+    matrix[:, 5] += 100  # class 5 has by far the most labels: it must be shown
+    out = plot_confusion_matrix(matrix, [f"class{k}" for k in range(80)], tmp_path / "cm.png")
+    h, w = cv2.imread(str(out)).shape[:2]
+    assert w < 2200 and h < 2200  # was 4614 x 4554
+    small = plot_confusion_matrix(matrix[:4][:, :4], ["a", "b", "c"], tmp_path / "cm3.png")
+    assert cv2.imread(str(small)) is not None

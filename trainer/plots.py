@@ -161,25 +161,34 @@ def plot_pr_curve(recall: np.ndarray, precision: np.ndarray, ap50: np.ndarray, n
     return Path(fname)
 
 
+MAX_CONFUSION_CLASSES = 30  # rows and columns shown, background included
+
+
 def plot_confusion_matrix(matrix: np.ndarray, names: Sequence[str], fname: str | Path) -> Path:
     """(nc + 1, nc + 1) counts, rows predicted, columns true, last = background; each true column
     is normalised so cells read as 'fraction of class X predicted as Y'."""
     plt = _pyplot()
-    m = matrix.astype(np.float64)
-    m = m / np.maximum(m.sum(0, keepdims=True), 1)
-    labels = [*names, "background"]
+    counts = matrix.astype(np.float64)
+    title = "Confusion matrix (conf 0.25, IoU 0.45)"
+    keep = np.arange(len(names) + 1)
+    if len(names) + 1 > MAX_CONFUSION_CLASSES:  # e.g. COCO's 80: the classes with the most labels, named
+        top = np.argsort(-counts[:, :-1].sum(0), kind="stable")[:MAX_CONFUSION_CLASSES - 1]
+        keep = np.append(np.sort(top), len(names))
+        title += f"\n{len(top)} of {len(names)} classes, those with the most labels"
+    m = counts / np.maximum(counts.sum(0, keepdims=True), 1)  # fractions of each true class, all classes
+    m = m[np.ix_(keep, keep)]
+    labels = [*(names[k] for k in keep[:-1]), "background"]
     n = len(labels)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * n + 2), max(5, 0.45 * n + 1.5)))
     im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
-        ax.set_yticks(range(n), labels, fontsize=8)
-        for i in range(n):
-            for j in range(n):
-                if m[i, j] >= 0.005:
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if m[i, j] > 0.5 else "black")
-    ax.set(xlabel="True", ylabel="Predicted", title="Confusion matrix (conf 0.25, IoU 0.45)")
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            if m[i, j] >= 0.005:
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > 0.5 else "black")
+    ax.set(xlabel="True", ylabel="Predicted", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(fname, dpi=120)
