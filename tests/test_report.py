@@ -445,3 +445,19 @@ def test_classes_without_training_labels_are_never_the_rarest():
     assert s.rare_classes == (2,) and s.rare_class == "c"
     s = summarise("t", run, [], names, np.array([0, 0, 0, 0]), None)
     assert s.rare_classes == () and s.rare_class is None
+
+
+def test_the_draw_share_chart_shows_labelled_classes_rarest_and_commonest():
+    from trainer.report_charts import MAX_BARS, draw_share_chart, draw_share_classes
+
+    share = np.zeros(80)
+    share[10:] = np.linspace(1, 70, 70)  # 10 classes without labels
+    keep, title = draw_share_classes(share / share.sum())
+    assert len(keep) == MAX_BARS and not set(keep) & set(range(10))
+    assert list(keep[:3]) == [10, 11, 12] and list(keep[-2:]) == [78, 79] and "of 70 classes with labels" in title
+    keep, title = draw_share_classes(np.array([0.5, 0.0, 0.2, 0.3]))
+    assert list(keep) == [2, 3, 0] and title == ""
+    assert list(draw_share_classes(np.full(3, np.nan))[0]) == [0, 1, 2]
+    png = draw_share_chart([f"c{k}" for k in range(80)], share / share.sum(), share / share.sum(), share / share.sum(),
+                           "epoch 0", "epoch 9")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

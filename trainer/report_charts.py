@@ -104,18 +104,41 @@ def class_ap_chart(names: Sequence[str], class_ap: np.ndarray, rare: Sequence[in
     return _png(fig)
 
 
+MAX_BARS = 24  # classes in the draw-share chart
+
+
+def draw_share_classes(label_share: np.ndarray) -> tuple[np.ndarray, str]:
+    """Which classes the draw-share chart shows, in order, and a title saying what was left out."""
+    label_share = np.asarray(label_share, dtype=np.float64)
+    if not np.isfinite(label_share).any():  # counts unknown: every class, in order
+        keep = np.arange(len(label_share))
+    else:
+        keep = np.flatnonzero(label_share > 0)
+        keep = keep[np.argsort(label_share[keep], kind="stable")]  # rarest first
+    if len(keep) <= MAX_BARS:
+        return keep, ""
+    half = MAX_BARS // 2
+    return (np.concatenate([keep[:half], keep[-half:]]),
+            f"the {half} rarest and the {half} most common of {len(keep)} classes with labels")
+
+
 def draw_share_chart(names: Sequence[str], label_share: np.ndarray, first: np.ndarray, last: np.ndarray,
                      first_name: str, last_name: str) -> bytes:
-    """Grouped bars per class: share of training labels vs share of drawn labels in two epochs, all (nc,)."""
+    """Grouped bars per class: share of training labels vs share of drawn labels in two epochs, all (nc,).
+    Only classes with training labels; with more than MAX_BARS of them (COCO: 71), the rarest and the
+    most common halves, rarest first."""
     plt = _pyplot()
+    label_share, first, last = (np.asarray(a, dtype=np.float64) for a in (label_share, first, last))
+    keep, title = draw_share_classes(label_share)
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    x = np.arange(len(names))
+    x = np.arange(len(keep))
     width = 0.27
-    ax.bar(x - width, label_share, width, color="0.6", label="label share (dataset)")
-    ax.bar(x, first, width, color="#9ecae1", label=f"draw share, {first_name}")
-    ax.bar(x + width, last, width, color="#08519c", label=f"draw share, {last_name}")
-    ax.set_xticks(x, [n[:14] for n in names], rotation=30 if len(names) > 8 else 0, fontsize=8)
-    ax.set(ylabel="share of labels")
+    ax.bar(x - width, label_share[keep], width, color="0.6", label="label share (dataset)")
+    ax.bar(x, first[keep], width, color="#9ecae1", label=f"draw share, {first_name}")
+    ax.bar(x + width, last[keep], width, color="#08519c", label=f"draw share, {last_name}")
+    ax.set_xticks(x, [names[k][:14] for k in keep], rotation=30 if len(keep) > 8 else 0, fontsize=8,
+                  ha="right" if len(keep) > 8 else "center")
+    ax.set(ylabel="share of labels", title=title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     return _png(fig)
