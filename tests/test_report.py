@@ -461,3 +461,11 @@ def test_the_draw_share_chart_shows_labelled_classes_rarest_and_commonest():
     png = draw_share_chart([f"c{k}" for k in range(80)], share / share.sum(), share / share.sum(), share / share.sum(),
                            "epoch 0", "epoch 9")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_change_that_rounds_to_zero_is_neither_green_nor_red():
+    from trainer.report_charts import signed_change
+
+    assert signed_change(0.0004) == "0.000" and signed_change(-0.0004) == "0.000"
+    assert signed_change(0.0126) == '<span class="up">+0.013</span>'
+    assert signed_change(-0.2) == '<span class="down">-0.200</span>'

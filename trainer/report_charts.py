@@ -104,6 +104,14 @@ def class_ap_chart(names: Sequence[str], class_ap: np.ndarray, rare: Sequence[in
     return _png(fig)
 
 
+def signed_change(d: float) -> str:
+    """A change to 3 decimals, green when it shows a gain, red a loss, plain when it rounds to zero."""
+    r = round(d, 3)
+    if r == 0:
+        return "0.000"
+    return f'<span class="{"up" if r > 0 else "down"}">{r:+.3f}</span>'
+
+
 MAX_BARS = 24  # classes in the draw-share chart
 
 
@@ -373,8 +381,7 @@ def _classes(p: PageInput) -> str:
         row += [fnum(ap[c]) for ap in s.class_ap]
         if len(p.evals) >= 2:
             d = s.class_ap[-1][c] - s.class_ap[0][c]
-            row.append(f'<span class="{"up" if d > 0 else "down" if d < 0 else ""}">{d:+.3f}</span>'
-                       if math.isfinite(d) else "–")
+            row.append(signed_change(d) if math.isfinite(d) else "–")
         if p.baseline:
             row.append(fnum(p.baseline["ap"][c]) if c < len(p.baseline["ap"]) else "–")
         rows.append(row)
