@@ -216,7 +216,8 @@ h1{font-size:24px;margin:8px 0 2px}h2{font-size:18px;margin:30px 0 8px;padding-b
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:left;white-space:nowrap}
 th{background:#f0f2f5;font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td.wrap{white-space:normal;word-break:break-all}tr.rare td{font-weight:700;background:#fff5f5}
+td.wrap,#options td:last-child{white-space:normal;word-break:break-all}#options{table-layout:fixed;width:100%}
+#options td:first-child{width:22%}tr.rare td{font-weight:700;background:#fff5f5}
 .badge{display:inline-block;margin-left:2px;padding:0 6px;border-radius:8px;background:#d62728;color:#fff;
 font-size:11px;font-weight:600}.up{color:#1a7f37}.down{color:#c62828}
 figure{margin:10px 0}figure img{max-width:100%;height:auto;border:1px solid #e4e4e4}.grid figure img{width:100%}
