@@ -132,3 +132,9 @@ def test_coco_exporter_ids():
     named("cat.jpg", torch.zeros(0, 6).numpy(), torch.zeros(0, 5).numpy(), (10, 10))
     named("dog.jpg", torch.zeros(0, 6).numpy(), torch.zeros(0, 5).numpy(), (10, 10))
     assert [i["id"] for i in named.ground_truth()["images"]] == [0, 1]
+
+
+def test_export_weights_defaults_to_the_runs_folder(shared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as if in the repository root
+    assert export_main(["--weights", str(shared / "weights/yolov5n.pt")]) == 0
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pt")] == ["runs/weights/yolov5n-kfyolo.pt"]

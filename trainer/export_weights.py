@@ -1,6 +1,7 @@
 """Convert weights into a kfyolo checkpoint that loads with `torch.load(..., weights_only=True)`.
 
-    python -m trainer.export_weights --weights ../shared/weights/yolov5n.pt --out yolov5n-kfyolo.pt
+    python -m trainer.export_weights --weights ../shared/weights/yolov5n.pt   # runs/weights/yolov5n-kfyolo.pt
+    python -m trainer.export_weights --weights ../shared/weights/yolov5n.pt --out my/yolov5n.pt
 
 The input is an official ultralytics YOLOv5 `.pt` (read without executing its pickled code) or a
 kfyolo checkpoint (its inference part is kept: model, architecture, names). fp16 tensors become
@@ -48,8 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"kfyolo {__version__}")
     p.add_argument("--weights", required=True, help="ultralytics YOLOv5 .pt or kfyolo checkpoint")
-    p.add_argument("--out", required=True, help="where to write the kfyolo checkpoint")
+    p.add_argument("--out", help="where to write the kfyolo checkpoint (default: runs/weights/<name>-kfyolo.pt, "
+                   "under the git-ignored runs folder rather than beside the code)")
     args = p.parse_args(argv)
+    args.out = args.out or str(Path("runs") / "weights" / f"{Path(args.weights).stem}-kfyolo.pt")
     try:
         ckpt = export(args.weights, args.out)
     except (CheckpointError, UnsafePickleError, FileNotFoundError) as e:
