@@ -80,9 +80,13 @@ def test_multiscale_sizes_are_stride_multiples_in_range(imgsz, stride):
 
 
 def test_multiscale_is_reproducible_from_the_seed():
-    a = [multiscale_size(random.Random("7-3"), 256, 32) for _ in range(5)]
-    b = [multiscale_size(random.Random("7-3"), 256, 32) for _ in range(5)]
-    assert a == b
+    """One generator per epoch: the sequence repeats from the same seed and moves along within it."""
+    ra, rb = random.Random("7-3"), random.Random("7-3")
+    a = [multiscale_size(ra, 256, 32) for _ in range(20)]
+    b = [multiscale_size(rb, 256, 32) for _ in range(20)]
+    assert a == b and len(set(a)) > 3  # the same sizes, and not one size repeated
+    other = random.Random("7-4")
+    assert [multiscale_size(other, 256, 32) for _ in range(20)] != a  # another epoch, other sizes
 
 
 def test_resize_batch_keeps_aspect_within_stride_rounding():

@@ -59,7 +59,11 @@ def test_draw_indices_matches_random_choices_and_is_deterministic():
     w = image_weights(LABELS, 3, class_weights(LABELS, 3))
     got = draw_indices(w, 4, seed=5, epoch=3)
     assert got.dtype == np.int64 and got.shape == (4,)
-    assert got.tolist() == random.Random("5-3").choices(range(4), weights=w.tolist(), k=4)
+    # The reference is YOLOv5's own draw, written out: random.choices over the image weights
+    # (YOLOv5: random.choices(range(n), weights=iw, k=n)), with cumulative weights and bisect.
+    ref_rng, cum = random.Random("5-3"), np.cumsum(w).tolist()
+    expected = [int(np.searchsorted(cum, ref_rng.random() * cum[-1], side="right")) for _ in range(4)]
+    assert got.tolist() == expected
     np.testing.assert_array_equal(got, draw_indices(w, 4, seed=5, epoch=3))
     many = [draw_indices(w, 50, seed=5, epoch=e) for e in range(3)]
     assert not np.array_equal(many[0], many[1]) and not np.array_equal(many[1], many[2])
