@@ -57,32 +57,40 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 	$(UV) sync --frozen --extra export --python $(PYTHON)
 	@touch $@
 
-venv: $(VENV)/.synced ## create or refresh .venv from uv.lock (torch, torchvision, kfp, ...)
+$(VENV)/.synced-run: $(UV) pyproject.toml uv.lock
+	@# What running needs, without the test tools (pytest, moto, pycocotools, ...); --inexact keeps them
+	@# when `make test` installed them already.
+	$(UV) sync --frozen --no-dev --inexact --extra export --python $(PYTHON)
+	@touch $@
+
+venv: $(VENV)/.synced ## create or refresh .venv from uv.lock with the test tools (torch, torchvision, kfp, pytest, ...)
+
+venv-run: $(VENV)/.synced-run ## create or refresh .venv with what running needs only (demo, train, compile)
 
 test: venv ## run the test suite (CPU; GPU tests skip without CUDA)
 	$(PY) -m pytest -q
 
-data/synthetic/data.yaml: | venv
+data/synthetic/data.yaml: | venv-run
 	$(PY) -m trainer.data.synthetic --out data/synthetic --images $(SYN_IMAGES) --seed $(SYN_SEED) --imgsz 128 --long-tail
 
 synthetic: data/synthetic/data.yaml ## generate the synthetic shapes dataset into data/synthetic
 
-demo: venv ## the whole pipeline locally (kfp.local): synthetic data, 3 blocks, world size 2, image weights (CPU)
+demo: venv-run ## the whole pipeline locally (kfp.local): synthetic data, 3 blocks, world size 2, image weights (CPU)
 	$(PY) -m pipelines run-local --blocks $(BLOCKS) --epochs-per-block $(EPB) --workers $(WORKERS) --imgsz $(IMGSZ) \
 	  --batch-size $(BATCH) --synthetic-images $(SYN_IMAGES) --seed $(SYN_SEED) --root $(RUNS)/pipelines \
 	  --optimizer $(OPTIMIZER) --nbs $(NBS) --hyp-overrides "$(HYP)" --sampler $(SAMPLER) --val-every $(VAL_EVERY) \
 	  $(if $(DATA),--data $(DATA)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(DEVICE),--device $(DEVICE))
 
-compile: venv ## compile the pipeline to pipeline.yaml for the Kubeflow Pipelines UI
+compile: venv-run ## compile the pipeline to pipeline.yaml for the Kubeflow Pipelines UI
 	$(PY) -m pipelines compile --out pipeline.yaml --blocks $(BLOCKS)
 
-train: venv data/synthetic/data.yaml ## one training run (single process) with DATA/CFG/WEIGHTS/IMGSZ/EPOCHS/BATCH/DEVICE
+train: venv-run data/synthetic/data.yaml ## one training run (single process) with DATA/CFG/WEIGHTS/IMGSZ/EPOCHS/BATCH/DEVICE
 	$(PY) -m trainer.train --data $(or $(DATA),data/synthetic/data.yaml) --cfg $(CFG) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 	  --imgsz $(IMGSZ) --epochs $(EPOCHS) --batch-size $(BATCH) --sampler $(SAMPLER) --val-every $(VAL_EVERY) \
 	  --optimizer $(OPTIMIZER) --nbs $(NBS) $(foreach h,$(subst $(comma), ,$(HYP)),--hyp-override $(h)) $(if $(DEVICE),--device $(DEVICE)) \
 	  --project $(RUNS)/train
 
-bench-train: venv ## bench: 30-epoch synthetic run at 256 px, prints the mAP curve and wall time
+bench-train: venv-run ## bench: 30-epoch synthetic run at 256 px, prints the mAP curve and wall time
 	$(PY) bench/bench_train_synthetic.py
 
 bench-ddp: venv ## bench: training images/s at world size 1 and 2 with the same threads
@@ -117,11 +125,11 @@ lint-k8s: venv ## validate k8s/*.yaml and the compiled cluster pipelines (kubern
 	  $(filter-out k8s/kustomization.yaml k8s/pytorchjob.yaml k8s/trainjob.yaml,$(wildcard k8s/*.yaml))
 	$(PY) -m pytest -q tests/test_k8s_manifests.py tests/test_trainjob_manifests.py
 
-tensorboard: venv ## serve TensorBoard over the runs folder (RUNS) on PORT, on every interface (HOST=localhost to keep it local)
+tensorboard: venv-run ## serve TensorBoard over the runs folder (RUNS) on PORT, on every interface (HOST=localhost to keep it local)
 	@echo "TensorBoard on http://$(HOST):$(PORT)/ over $(RUNS)$(if $(filter 0.0.0.0,$(HOST)), (bound to all interfaces: anyone who can reach this machine can read it),)"
 	$(VENV)/bin/tensorboard --logdir $(RUNS) --host $(HOST) --port $(PORT)
 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf data/synthetic $(RUNS) .pytest_cache
 
-.PHONY: help venv test synthetic demo compile train bench-train bench-ddp bench-cocoeval bench-step bench-predict bench-yolov5 study study-quick image lint-k8s tensorboard clean
+.PHONY: help venv venv-run test synthetic demo compile train bench-train bench-ddp bench-cocoeval bench-step bench-predict bench-yolov5 study study-quick image lint-k8s tensorboard clean
