@@ -18,11 +18,14 @@ def test_fp16_needs_cuda():
         resolve_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16: the refusal cannot happen here")
+def test_bf16_is_refused_on_a_cpu_without_native_bf16():
+    with pytest.raises(ValueError, match="no native bf16"):
+        resolve_precision("bf16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="needs a CPU with native bf16 (AMX / AVX512-BF16)")
 def test_bf16_on_cpu_matches_fp32_forward_and_loss_closely():
-    if not cpu_has_native_bf16():
-        with pytest.raises(ValueError, match="no native bf16"):
-            resolve_precision("bf16", torch.device("cpu"))
-        return
     p = resolve_precision("bf16", torch.device("cpu"))
     assert p.name == "bf16" and not p.grad_scaler().is_enabled()  # bf16 needs no loss scaling
     torch.manual_seed(0)
