@@ -97,6 +97,23 @@ def test_class_weights_file_names_are_checked(tmp_path):
         run_class_weights(str(p), [], 2, ["a", "b"])
 
 
+def test_patience_counts_epochs_since_the_best_fitness():
+    """The rule by itself, on a fitness history that improves, stalls, and improves again."""
+    from trainer.fit import patience_exhausted
+
+    fitness = [0.1, 0.3, 0.2, 0.25, 0.4, 0.39, 0.38, 0.37]
+    best, stopped = -1, None
+    for epoch, fi in enumerate(fitness):
+        if best < 0 or fi > fitness[best]:
+            best = epoch
+        if patience_exhausted(epoch, best, patience=3):
+            stopped = epoch
+            break
+    assert stopped == 7 and best == 4  # the stall at epochs 2-3 was shorter than 3 epochs
+    assert not patience_exhausted(50, 0, patience=0)  # 0 = never stop early
+    assert patience_exhausted(2, 0, patience=2) and not patience_exhausted(1, 0, patience=2)
+
+
 def test_patience_stops_a_run_that_does_not_improve(tmp_path, synthetic_yaml):
     # With zero learning rates the model never improves: best stays at epoch 0.
     code = main(["--data", str(synthetic_yaml), "--cfg", "yolov5n", "--imgsz", "64", "--batch-size", "4",

@@ -482,7 +482,7 @@ def run_epochs(run: Run) -> TrainResult:
             run.logger.epoch_end(epoch, {**train_stats, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
             if run.sync is not None:  # after results.csv and the checkpoints of this epoch are written
                 run.sync.push()
-            stop_now = bool(opt.patience and metrics) and epoch - state.best_epoch >= opt.patience
+            stop_now = bool(metrics) and patience_exhausted(epoch, state.best_epoch, opt.patience)
             if stop_now:
                 run.logger.info("early stop: no fitness improvement for %d epochs (best %.4f at epoch %d)",
                                 opt.patience, state.best_fitness, state.best_epoch)
@@ -492,6 +492,11 @@ def run_epochs(run: Run) -> TrainResult:
             break
     return TrainResult(run.run_dir, state.epoch - start, state.best_fitness, stopped_early, metrics,
                        run.sync.uri if run.sync is not None else "")
+
+
+def patience_exhausted(epoch: int, best_epoch: int, patience: int) -> bool:
+    """Early stop: `patience` epochs have passed since the best one (0 = never stop early)."""
+    return patience > 0 and epoch - best_epoch >= patience
 
 
 def stop_inside_epoch(run: Run, plan: EpochPlan, done: int, stats: dict[str, Any]) -> None:
