@@ -469,3 +469,12 @@ def test_a_change_that_rounds_to_zero_is_neither_green_nor_red():
     assert signed_change(0.0004) == "0.000" and signed_change(-0.0004) == "0.000"
     assert signed_change(0.0126) == '<span class="up">+0.013</span>'
     assert signed_change(-0.2) == '<span class="down">-0.200</span>'
+
+
+def test_class_rows_put_classes_without_labels_last():
+    from types import SimpleNamespace
+
+    from trainer.report_charts import _class_order
+
+    page = SimpleNamespace(summary=SimpleNamespace(label_share=(0.5, 0.0, 0.1, float("nan"), 0.4)))
+    assert _class_order(page) == [2, 4, 0, 1, 3]

@@ -363,7 +363,8 @@ def _blocks(p: PageInput) -> str:
 def _class_order(p: PageInput) -> list[int]:
     share = np.asarray(p.summary.label_share, np.float64)
     known = np.isfinite(share)
-    return sorted(range(len(share)), key=lambda c: (not known[c], share[c] if known[c] else 0.0, c))
+    # Rarest labelled class first; classes without training labels (COCO128 has 9) go last, not first.
+    return sorted(range(len(share)), key=lambda c: (not known[c] or share[c] == 0, share[c] if known[c] else 0.0, c))
 
 
 def _classes(p: PageInput) -> str:
