@@ -17,6 +17,15 @@ def _two_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (tests whose DataLoader workers fork), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "datasets" / "coco128").is_dir():

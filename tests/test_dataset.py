@@ -17,12 +17,7 @@ from trainer.data.labels import scan_split
 NO_AUG = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "mosaic")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # loader workers fork: no thread pools to copy
 
 
 def _write(root: Path, name: str, hw, bgr=(30, 60, 90), labels=None) -> Path:

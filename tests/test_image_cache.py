@@ -20,12 +20,7 @@ from trainer.data.labels import DatasetError
 SHAPES = [(47, 93), (16, 64), (64, 64), (97, 31), (10, 700), (20, 13)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # loader workers fork: no thread pools to copy
 
 
 @pytest.fixture

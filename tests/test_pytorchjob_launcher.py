@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from fake_cluster import FakeClock, FakeCluster, Step, webhook_errors
+from launcher_cases import block_request, dataset, job_options, pods_write, storage  # noqa: F401
 from kfp.dsl import Artifact, Dataset, Model
 
 from components import train_block
@@ -18,51 +18,16 @@ from components.launchers.cluster import (ClusterError, JobExists, JobState, Kub
                                           normalize_stamp, parse_log)
 from components.launchers.pytorchjob import (JobOptions, build_job, job_name, main, plan_for, pod_script,
                                              run_pytorchjob)
-from trainer.checkpoint import save_checkpoint
-from trainer.storage import RetryPolicy, Storage
 
 RUN = "3f2a9c1e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
 pytestmark = pytest.mark.timeout(120)  # a watch loop that never ends must fail, not hang CI
 
 
 def _opts(**kw) -> JobOptions:
-    return JobOptions(**{"run_id": RUN, "image": "registry.example/kfyolo:0.1.0", "s3_prefix": "s3://kfyolo/jobs",
-                         "nodes": 2, "poll_s": 1.0, **kw})
+    return job_options(RUN, **kw)
 
 
-def _request(tmp_path: Path, block: int = 0, world_size: int = 2) -> TrainRequest:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cw = tmp_path / "class_weights.json"
-    cw.write_text(json.dumps({"class_weights": [0.5, 0.5]}))
-    run_dir = tmp_path / f"model{block}"
-    if block:  # the previous block's run folder, as seed_block_folder leaves it
-        save_checkpoint({"model": {}, "spec": {}, "names": [], "epoch": block - 1}, run_dir / "weights" / "last.pt")
-    return TrainRequest(run_dir=run_dir, data_yaml="unused", block=block, blocks=3, epochs_per_block=2, batch_size=12,
-                        world_size=world_size, class_weights=str(cw), maps=str(cw) if block else "")
-
-
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    root = tmp_path / "dataset"
-    (root / "images" / "train").mkdir(parents=True)
-    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/train\nnames: {0: a, 1: b}\n")
-    (root / "images" / "train" / "x.jpg").write_bytes(b"jpg")
-    return root
-
-
-def _storage() -> Storage:
-    return Storage.from_env(RetryPolicy(attempts=1))
-
-
-def _pods_write(request: TrainRequest, opts: JobOptions, epoch: int | None = None):
-    """on_create: what the job's rank 0 leaves on S3 (the block's checkpoint and records)."""
-    def write(job):
-        plan, st, tmp = plan_for(request, opts), _storage(), request.run_dir.parent / "pod-out"
-        save_checkpoint({"model": {}, "spec": {}, "names": [], "epoch": request.stop_epoch - 1 if epoch is None
-                         else epoch}, tmp / "weights" / "last.pt")
-        (tmp / "results.csv").write_text("epoch\n0\n1\n")
-        st.upload_dir(tmp, plan.run_uri)
-    return write
+_request, _storage, _pods_write = block_request, storage, pods_write
 
 
 def _run(request, opts, dataset, cluster, clock=None):

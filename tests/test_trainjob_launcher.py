@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from fake_cluster import FakeClock, FakeCluster, Step, trainer_webhook_errors
+from launcher_cases import block_request, dataset, job_options, pods_write, storage  # noqa: F401
 from kfp.dsl import Artifact, Dataset, Model
 
 from components import train_block
-from components.launchers import TrainLaunchError, TrainRequest
+from components.launchers import TrainLaunchError
 from components.launchers.cluster import SPEC_HASH_ANNOTATION, TRAINJOB, KubernetesCluster, S3Secret, TrainJobState
 from components.launchers.clusterjob import JobOptions, plan_for
 from components.launchers.trainjob import build_job, run_trainjob
-from trainer.checkpoint import save_checkpoint
-from trainer.storage import RetryPolicy, Storage
 
 RUN = "7c1d2e3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
 pytestmark = pytest.mark.timeout(120)  # a watch loop that never ends must fail, not hang CI
@@ -29,43 +27,10 @@ OK = (Step("Running", log=("rank 0/2 joined gloo process group",)), Step(log=("e
 
 
 def _opts(**kw) -> JobOptions:
-    return JobOptions(**{"run_id": RUN, "image": "registry.example/kfyolo:0.1.0", "s3_prefix": "s3://kfyolo/jobs",
-                         "nodes": 2, "poll_s": 1.0, **kw})
+    return job_options(RUN, **kw)
 
 
-def _request(tmp_path: Path, block: int = 0, world_size: int = 2) -> TrainRequest:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cw = tmp_path / "class_weights.json"
-    cw.write_text(json.dumps({"class_weights": [0.5, 0.5]}))
-    run_dir = tmp_path / f"model{block}"
-    if block:
-        save_checkpoint({"model": {}, "spec": {}, "names": [], "epoch": block - 1}, run_dir / "weights" / "last.pt")
-    return TrainRequest(run_dir=run_dir, data_yaml="unused", block=block, blocks=3, epochs_per_block=2, batch_size=12,
-                        world_size=world_size, class_weights=str(cw), maps=str(cw) if block else "")
-
-
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    root = tmp_path / "dataset"
-    (root / "images" / "train").mkdir(parents=True)
-    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/train\nnames: {0: a, 1: b}\n")
-    (root / "images" / "train" / "x.jpg").write_bytes(b"jpg")
-    return root
-
-
-def _storage() -> Storage:
-    return Storage.from_env(RetryPolicy(attempts=1))
-
-
-def _pods_write(request: TrainRequest, opts: JobOptions):
-    """on_create: what node 0 leaves on S3 (the block's checkpoint and records)."""
-    def write(job):
-        plan, tmp = plan_for(request, opts), request.run_dir.parent / "pod-out"
-        save_checkpoint({"model": {}, "spec": {}, "names": [], "epoch": request.stop_epoch - 1},
-                        tmp / "weights" / "last.pt")
-        (tmp / "results.csv").write_text("epoch\n0\n1\n")
-        _storage().upload_dir(tmp, plan.run_uri)
-    return write
+_request, _storage, _pods_write = block_request, storage, pods_write
 
 
 def _run(request, opts, dataset, cluster, clock=None):

@@ -382,11 +382,6 @@ def weight_images(run: Run, epoch: int) -> None:
     else:
         draw = epoch_indices(run.sampler, maps, run.opt.seed, epoch, run.ctx.is_main)
     run.train_loader.sampler.set_epoch(epoch, draw, skip=state.images_done)
-    state.draw = draw
-    weights = run.sampler.image_weights(maps)
-    if run.ctx.is_main and weights is not None and not weights.sum() > 0:
-        run.logger.warning("epoch %d: every image weight is zero (AP 1.0 for every labelled class?): this epoch "
-                           "draws uniformly, background images included", epoch)
     record: dict[str, Any] = {"epoch": epoch, "sampler": run.sampler.kind, "names": run.names,
                               "maps": [round(float(m), 6) for m in maps]}
     if run.opt.cls_feedback:
@@ -503,6 +498,7 @@ def stop_inside_epoch(run: Run, plan: EpochPlan, done: int, stats: dict[str, Any
     """Save where a signal stopped the epoch (`done` batches trained, rank 0), then raise Preempted
     on every rank."""
     state, stop = run.state, run.stop
+    state.draw = run.train_loader.sampler.draw  # the list the epoch trains on, for --resume
     state.images_done = done * run.opt.batch_size  # over all ranks
     state.epoch_mloss = (stats["box"], stats["obj"], stats["cls"], stats["total"])
     where = f"in epoch {plan.epoch} ({done} of {plan.batches} batches trained)"

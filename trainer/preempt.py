@@ -134,19 +134,20 @@ class StopRequest:
         """After a micro-batch: stop? And if so, now, or after the `batches_to_step` left before the
         optimizer step (each about `batch_s` seconds)? The same answer on every rank."""
         short = self.requested and batches_to_step * batch_s > self.remaining() - CHECKPOINT_RESERVE * self.grace_s
-        flags = torch.tensor([float(self.requested), float(short)])
-        stop, now = (bool(v) for v in distributed.all_reduce_max(flags).tolist())
-        if stop and self.signum is None:  # a peer got the signal first: stop with it, by its code
-            self.signum, self.received_at = signal.SIGTERM, time.monotonic()
+        stop, now = self._any_rank(self.requested, short)
         return StopDecision(stop, stop and now)
 
     def agreed(self) -> bool:
         """Whether any rank has a stop request (a collective: call it at the same point on every rank)."""
-        flags = torch.tensor([float(self.requested)])
-        stop = bool(distributed.all_reduce_max(flags).item())
-        if stop and self.signum is None:
+        return self._any_rank(self.requested)[0]
+
+    def _any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over the ranks. A rank that learns of a peer's request adopts it (as SIGTERM:
+        under torchrun every rank gets the signal, so this only shortens the wait for a late one)."""
+        agreed = tuple(bool(v) for v in distributed.all_reduce_max(torch.tensor([float(f) for f in flags])).tolist())
+        if agreed[0] and self.signum is None:
             self.signum, self.received_at = signal.SIGTERM, time.monotonic()
-        return stop
+        return agreed
 
     @property
     def name(self) -> str:

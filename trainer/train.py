@@ -37,7 +37,7 @@ from trainer.data.labels import DatasetError
 from trainer.engine import NonFiniteLossError
 from trainer.models.foreign_pickle import UnsafePickleError
 from trainer.models.yolo import ModelConfigError
-from trainer.preempt import DEFAULT_GRACE_S, Preempted, StopRequest, exit_code
+from trainer.preempt import Preempted, StopRequest, exit_code
 from trainer.storage import StorageError, is_s3
 from trainer.storage_sync import fetch_run
 
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     is_main = distributed.env_context(args.local_rank).is_main
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s", force=True)
     # From here SIGTERM/SIGINT ask for a graceful stop instead of killing the process mid-write.
-    stop = StopRequest(args.grace_period if args.grace_period and args.grace_period > 0 else DEFAULT_GRACE_S)
+    stop = StopRequest()  # the default grace period until the options (checked) give theirs
     with stop:
         from trainer.fit import fit  # heavy imports after argument errors have had their chance
 

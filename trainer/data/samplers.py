@@ -42,12 +42,15 @@ repeat.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from trainer.data import weights as iw
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("uniform", "classic", "rfs", "adaptive")
 DEFICIT_CLIP = (0.25, 4.0)  # a learned class keeps at least a quarter of its factor; no class more than 4x
@@ -171,6 +174,9 @@ class ImageSampler:
         if w is None:
             return np.arange(n, dtype=np.int64)
         if self.config.kind == "classic":
+            if not w.sum() > 0:  # draw_indices then draws uniformly: say so rather than hide it
+                log.warning("epoch %d: every image weight is zero (AP 1.0 for every labelled class?): this epoch "
+                            "draws uniformly, background images included", epoch)
             return iw.draw_indices(w, n, seed, epoch)
         return repeat_draw(w, n, seed, epoch)
 
