@@ -154,48 +154,7 @@ def scenario_sharded_val(ctx: distributed.DistContext, out: Path) -> dict:
     return {"result": result, "batches": len(loader)}
 
 
-def scenario_nan_on_one_rank(ctx: distributed.DistContext, out: Path) -> dict:
-    """The loss turns NaN on rank 1 only, at batch 2: every rank must stop there at once with the
-    non-finite-loss error, not wait out the collective timeout."""
-    import random
-
-    from trainer.amp import Precision
-    from trainer.engine import EpochPlan, NonFiniteLossError, StepCounter, train_one_epoch
-    from trainer.runlog import RunLogger
-
-    torch.manual_seed(0)
-    model = build_model("yolov5n", nc=3)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    loss_fn = YoloLoss(model.detect.anchors, 3, scale_loss_gains(Hyp().to_dict(), 3, 3, 64))
-    calls = {"n": 0}
-
-    def poisoned(preds, targets):
-        loss, parts = loss_fn(preds, targets)
-        calls["n"] += 1
-        if ctx.rank == 1 and calls["n"] == 3:
-            loss = loss * float("nan")
-        return loss, parts
-
-    imgs, targets = _batch(ctx.rank, 2)
-    loader = [((imgs * 255).to(torch.uint8), targets, ("a.jpg", "b.jpg"), None)] * 5
-    opt = torch.optim.SGD(model.parameters(), lr=0.001)
-    for g in opt.param_groups:
-        g["initial_lr"] = 0.001
-    plan = EpochPlan(epoch=0, epochs=1, batches=5, warmup_iters=-1, total_batch_size=4, nbs=4, imgsz=64, stride=32,
-                     multi_scale=False, world_size=ctx.world_size, warmup_bias_lr=0.0, warmup_momentum=0.8,
-                     momentum=0.9, lr_factor=1.0)
-    started = time.monotonic()
-    error = ""
-    try:
-        train_one_epoch(ddp, poisoned, opt, torch.amp.GradScaler("cpu", enabled=False), None, loader, plan,
-                        StepCounter(-1, 1), Precision("cpu", None), torch.device("cpu"), random.Random(0),
-                        RunLogger(out, ["a", "b", "c"], enabled=False))
-    except NonFiniteLossError as e:
-        error = str(e)
-    return {"error": error, "after_s": time.monotonic() - started, "calls": calls["n"]}
-
-
-SCENARIOS = {"nan_on_one_rank": scenario_nan_on_one_rank, "sharded_val": scenario_sharded_val, "broadcast": scenario_broadcast, "ddp_step": scenario_ddp_step, "die": scenario_die}
+SCENARIOS = {"sharded_val": scenario_sharded_val, "broadcast": scenario_broadcast, "ddp_step": scenario_ddp_step, "die": scenario_die}
 
 
 def main() -> int:

@@ -27,13 +27,21 @@ MAX_OVERFLOWS = 20  # consecutive fp16 overflows before the loss counts as diver
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; training stops and last.pt keeps the last good epoch."""
+    """The loss became NaN or inf on some rank; every rank stops and the checkpoints already saved stay."""
 
-    def __init__(self, epoch: int, batch: int, parts: torch.Tensor, paths: tuple):
+    def __init__(self, epoch: int, batch: int, parts: torch.Tensor, paths: tuple, bad_ranks: tuple[int, ...] = (),
+                 rank: int = 0):
+        where = f"epoch {epoch}, batch {batch}"
+        kept = "checkpoints of earlier epochs (weights/last.pt) are kept as they were"
+        if bad_ranks and rank not in bad_ranks:  # a peer's loss, not this rank's: say whose
+            others = ", ".join(str(r) for r in bad_ranks)
+            super().__init__(f"non-finite loss on rank {others} at {where}; this rank stops with it "
+                             f"(rank {others}'s error names its images); {kept}.")
+            return
         shown = ", ".join(str(p) for p in paths[:4])
-        super().__init__(f"non-finite loss at epoch {epoch}, batch {batch} (box, obj, cls = "
-                         f"{parts[:3].tolist()}); first images in the batch: {shown}. Lower lr0 or "
-                         "check the labels; weights/last.pt holds the last good epoch.")
+        on = f" on rank {rank}" if bad_ranks else ""
+        super().__init__(f"non-finite loss{on} at {where} (box, obj, cls = {parts[:3].tolist()}); first images in "
+                         f"the batch: {shown}. Lower lr0 or check the labels; {kept}.")
 
 
 @dataclass(frozen=True)
@@ -107,13 +115,17 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
             loss, parts = loss_fn(preds, targets.to(device))
             # Every rank learns at once when any rank's loss is not finite (one small all-reduce
             # under DDP), so they all stop together instead of the others waiting out the timeout.
-            bad = distributed.all_reduce_max(torch.tensor([0.0 if torch.isfinite(loss) else 1.0])).item() > 0
+            flags = torch.zeros(plan.world_size)  # slot r: rank r's loss is not finite
+            flags[distributed.rank()] = 0.0 if torch.isfinite(loss) else 1.0
+            flags = distributed.all_reduce_max(flags)
+            bad = flags.max().item() > 0
             if bad:
                 overflows += 1
                 # fp16: an overflow in the forward pass is GradScaler's business; it skips the step and
                 # lowers the scale. Only a run of them (or any non-finite loss without a scaler) is fatal.
                 if not scaler.is_enabled() or overflows > MAX_OVERFLOWS:
-                    raise NonFiniteLossError(plan.epoch, i, parts, tuple(paths))
+                    ranks = tuple(int(r) for r in torch.nonzero(flags).flatten()) if plan.world_size > 1 else ()
+                    raise NonFiniteLossError(plan.epoch, i, parts, tuple(paths), ranks, distributed.rank())
             else:
                 overflows = 0
             # DDP averages gradients over ranks; the loss is a per-rank sum over images, so scale
