@@ -164,7 +164,7 @@ def run_local(args: argparse.Namespace) -> int:
     tail = threading.Thread(target=tail_progress, args=(progress, real_stdout, stop_tail), daemon=True)
     tail.start()
     with log_path.open("w") as log:
-        sys.stdout = StepPrinter(real_stdout, log, args.verbose)
+        sys.stdout = printer = StepPrinter(real_stdout, log, args.verbose)
         try:
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "outputs"))
             pipeline(**params)
@@ -182,9 +182,10 @@ def run_local(args: argparse.Namespace) -> int:
                 os.environ["KFYOLO_PROGRESS"] = previous
     where = params["publish"].rstrip("/")
     wall = time.monotonic() - started
+    steps = len(printer.started)
     print(f"done in {wall:.0f} s; report: {where}/report.html; run folder: {where}/run")
     if not where.startswith("s3://"):
-        print(overhead_summary(Path(where), wall))
+        print(overhead_summary(Path(where), wall, steps, kfp_step_startup_s()))
     return 0
 
 
@@ -203,10 +204,21 @@ def tail_progress(path: Path, console: TextIO, stop: threading.Event, poll_s: fl
                 stop.wait(poll_s)
 
 
-def overhead_summary(published: Path, wall: float) -> str:
+def kfp_step_startup_s() -> float:
+    """Seconds a new Python takes to import kfp's step entry point (kfp.dsl.executor_main, which pulls
+    in kfp.client and the kubernetes client): what kfp.local pays before each step's own code runs."""
+    import subprocess
+
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", "import kfp.dsl.executor_main"], check=False, capture_output=True)
+    return time.monotonic() - started if proc.returncode == 0 else 0.0  # 0: unknown, left out of the split
+
+
+def overhead_summary(published: Path, wall: float, steps: int = 0, step_startup_s: float = 0.0) -> str:
     """How the pipeline's wall time splits: training steps and validations (results.csv's train_s and
     val_s), the evaluation steps' loops (their metrics.json seconds), and everything else: process
-    start-up, imports, staging, plots, the report."""
+    start-up, imports, staging, plots, the report. Of everything else, `steps` x `step_startup_s` is
+    kfp.local's own cost of starting each step in a new Python (measured by kfp_step_startup_s)."""
     import csv
     import json
 
@@ -224,9 +236,15 @@ def overhead_summary(published: Path, wall: float) -> str:
             seen.add(key)
             evaluation += float(record["seconds"])
     rest = max(0.0, wall - train - val - evaluation)
-    return (f"time: training {train:.0f} s, validation {val:.0f} s, evaluation {evaluation:.0f} s ({len(seen)} "
+    line = (f"time: training {train:.0f} s, validation {val:.0f} s, evaluation {evaluation:.0f} s ({len(seen)} "
             f"steps); everything else (start-up, imports, staging, plots, report) {rest:.0f} s = "
             f"{100 * rest / max(wall, 1e-9):.1f} % of {wall:.0f} s")
+    if steps and step_startup_s > 0:
+        kfp_part = min(rest, steps * step_startup_s)
+        line += (f"\n  of which kfp.local starting {steps} steps, each in a new Python importing kfp "
+                 f"({step_startup_s:.1f} s each, measured now): {kfp_part:.0f} s; kfyolo's own start-up, "
+                 f"staging, plots and report: {rest - kfp_part:.0f} s = {100 * (rest - kfp_part) / max(wall, 1e-9):.1f} %")
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,8 +37,8 @@ def _labels(n: int, nc: int, seed: int) -> list[np.ndarray]:
 
 
 def scenario_broadcast(ctx: distributed.DistContext, out: Path) -> dict:
-    """Rank 0 draws the epoch's image list; ranks pass different maps on purpose. Each rank's
-    EpochSampler (the training loader's) then yields its shard of the list."""
+    """For each sampler: rank 0 draws the epoch's image list; ranks pass different maps on purpose.
+    Each rank's EpochSampler (the training loader's) then yields its shard of the list."""
     from trainer.data import weights as iw
     from trainer.data.epoch_sampler import EpochSampler
     from trainer.data.samplers import ImageSampler, LabelStats, SamplerConfig
@@ -48,18 +48,21 @@ def scenario_broadcast(ctx: distributed.DistContext, out: Path) -> dict:
     labels = _labels(n, nc, seed=1)
     maps = np.full(nc, 0.9 if ctx.rank else 0.1)
     maps[4] = 0.0
-    kind = os.environ.get("TEST_SAMPLER", "classic")
-    image_sampler = ImageSampler(SamplerConfig(kind, rfs_t=0.5), LabelStats(labels, nc), iw.class_weights(labels, nc))
-    lists, shards, images = [], [], []
-    sampler = EpochSampler(n, batch_size=4, seed=7, rank=ctx.rank, world_size=ctx.world_size)
-    for epoch in range(3):
-        idx = epoch_indices(image_sampler, maps, seed=7, epoch=epoch, is_main=ctx.is_main)
-        sampler.set_epoch(epoch, idx)
-        samples = list(sampler)
-        lists.append(idx.tolist())
-        shards.append([s.position for s in samples])
-        images.append([s.image for s in samples])
-    return {"lists": lists, "positions": shards, "images": images}
+    record = {}
+    for kind in os.environ["TEST_SAMPLERS"].split(","):
+        image_sampler = ImageSampler(SamplerConfig(kind, rfs_t=0.5), LabelStats(labels, nc),
+                                     iw.class_weights(labels, nc))
+        lists, shards, images = [], [], []
+        sampler = EpochSampler(n, batch_size=4, seed=7, rank=ctx.rank, world_size=ctx.world_size)
+        for epoch in range(3):
+            idx = epoch_indices(image_sampler, maps, seed=7, epoch=epoch, is_main=ctx.is_main)
+            sampler.set_epoch(epoch, idx)
+            samples = list(sampler)
+            lists.append(idx.tolist())
+            shards.append([s.position for s in samples])
+            images.append([s.image for s in samples])
+        record[kind] = {"lists": lists, "positions": shards, "images": images}
+    return record
 
 
 def _batch(seed: int, n: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

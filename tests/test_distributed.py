@@ -48,25 +48,32 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 120, extra
     return results
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "classic", "rfs", "adaptive"])
-def test_every_sampler_broadcasts_identical_lists_with_disjoint_covering_shards(tmp_path, sampler):
-    results = launch("broadcast", tmp_path, extra_env={"TEST_SAMPLER": sampler})
+SAMPLER_KINDS = ["uniform", "classic", "rfs", "adaptive"]
+
+
+def test_every_sampler_broadcasts_identical_lists_with_disjoint_covering_shards(tmp_path):
+    results = launch("broadcast", tmp_path, extra_env={"TEST_SAMPLERS": ",".join(SAMPLER_KINDS)})
     assert all(r.returncode == 0 for r in results), [r.stdout[-2000:] for r in results]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert r0["lists"] == r1["lists"]  # rank 1 passed other maps: rank 0's list wins
-    if sampler == "uniform":
-        assert r0["lists"][0] == list(range(37))  # each image once; the loader's sampler shuffles
-    else:
-        assert r0["lists"][0] != r0["lists"][1]  # a new draw each epoch
+    both = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert sorted(both[0]) == sorted(both[1]) == sorted(SAMPLER_KINDS)
     n = 37
-    for epoch in range(3):
-        p0, p1 = r0["positions"][epoch], r1["positions"][epoch]
-        assert len(p0) == len(p1) == 19  # ceil(37 / 2): the sampler pads one position
-        assert len(set(p0) & set(p1)) <= 1  # disjoint but for the single padding repeat
-        assert set(p0) | set(p1) == set(range(n))  # together they cover the whole list
-        drawn = [r0["lists"][epoch][i] for i in p0 + p1]
-        assert r0["images"][epoch] + r1["images"][epoch] == drawn  # the sampler yields the drawn images
-        assert sorted(set(drawn)) == sorted(set(r0["lists"][epoch]))
+    for sampler in SAMPLER_KINDS:
+        r0, r1 = both[0][sampler], both[1][sampler]
+        assert r0["lists"] == r1["lists"], sampler  # rank 1 passed other maps: rank 0's list wins
+        if sampler == "uniform":
+            assert r0["lists"][0] == list(range(37))  # each image once; the loader's sampler shuffles
+        else:
+            assert r0["lists"][0] != r0["lists"][1], sampler  # a new draw each epoch
+        for epoch in range(3):
+            p0, p1 = r0["positions"][epoch], r1["positions"][epoch]
+            assert len(p0) == len(p1) == 19  # ceil(37 / 2): the sampler pads one position
+            assert len(set(p0) & set(p1)) <= 1  # disjoint but for the single padding repeat
+            assert set(p0) | set(p1) == set(range(n))  # together they cover the whole list
+            drawn = [r0["lists"][epoch][i] for i in p0 + p1]
+            assert r0["images"][epoch] + r1["images"][epoch] == drawn  # the sampler yields the drawn images
+            assert sorted(set(drawn)) == sorted(set(r0["lists"][epoch]))
+        if sampler != "uniform":  # the weighted draws differ from one another and from uniform
+            assert r0["lists"] != both[0]["uniform"]["lists"], sampler
 
 
 def test_ddp_steps_equal_single_process_steps_and_ranks_stay_identical(tmp_path):

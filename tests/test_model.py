@@ -277,13 +277,23 @@ def test_a_broken_cfg_yaml_names_the_file_and_line(tmp_path: Path, text: str, wh
     assert str(e.value).startswith(f"{bad}{where}") and what in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("module", ["train", "evaluate", "export_weights", "report"])
-def test_every_cli_has_a_version_flag(module: str) -> None:
+@pytest.mark.parametrize("module", ["train", "evaluate", "export_weights", "report", "predict", "export"])
+def test_every_cli_has_a_version_flag(module: str, capsys) -> None:
+    import importlib
+
+    from trainer import __version__
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"trainer.{module}").main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"kfyolo {__version__}"
+
+
+def test_version_from_the_command_line() -> None:
     import subprocess
     import sys
 
     from trainer import __version__
 
-    out = subprocess.run([sys.executable, "-m", f"trainer.{module}", "--version"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "trainer.train", "--version"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == f"kfyolo {__version__}"

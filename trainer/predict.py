@@ -267,4 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.runlog import exit_now
+
+    exit_now(main())

@@ -175,3 +175,16 @@ def _tb_tag(key: str) -> str:
     if key == "train_s":
         return "time/train_epoch_s"
     return f"metrics/{key}"
+
+
+def exit_now(code: int) -> None:
+    """End a CLI process whose work is done and whose files are closed, skipping the interpreter's
+    teardown: with torch, torchvision and dynamo loaded, that takes about a second of freeing
+    module objects one by one, in every rank of every block. Logs and stdio are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
