@@ -41,6 +41,7 @@ class StepPrinter:
         self.console, self.log, self.verbose = console, log, verbose
         self.buffer = ""
         self.started: dict[str, float] = {}
+        self.durations: dict[str, float] = {}  # step name -> seconds, as the steps end
 
     def write(self, text: str) -> int:
         self.log.write(ANSI.sub("", text))  # the log is read in editors and CI pages, not terminals
@@ -61,6 +62,7 @@ class StepPrinter:
             self.console.write(f"{stamp}  ... {m.group(1)}\n")
         elif m := re.search(r"Task '([^']+)' finished with status (\w+)", plain):
             took = time.monotonic() - self.started.get(m.group(1), time.monotonic())
+            self.durations[m.group(1)] = took
             self.console.write(f"{stamp}  {'ok ' if m.group(2) == 'SUCCESS' else 'FAILED'} {m.group(1)} ({took:.0f} s)\n")
         elif "[kfyolo]" in plain:
             self.console.write(f"{stamp}      {plain[plain.index('[kfyolo]') + 9:]}\n")
@@ -182,10 +184,9 @@ def run_local(args: argparse.Namespace) -> int:
                 os.environ["KFYOLO_PROGRESS"] = previous
     where = params["publish"].rstrip("/")
     wall = time.monotonic() - started
-    steps = len(printer.started)
     print(f"done in {wall:.0f} s; report: {where}/report.html; run folder: {where}/run")
     if not where.startswith("s3://"):
-        print(overhead_summary(Path(where), wall, steps, kfp_step_startup_s()))
+        print(overhead_summary(Path(where), wall, printer.durations))
     return 0
 
 
@@ -204,21 +205,11 @@ def tail_progress(path: Path, console: TextIO, stop: threading.Event, poll_s: fl
                 stop.wait(poll_s)
 
 
-def kfp_step_startup_s() -> float:
-    """Seconds a new Python takes to import kfp's step entry point (kfp.dsl.executor_main, which pulls
-    in kfp.client and the kubernetes client): what kfp.local pays before each step's own code runs."""
-    import subprocess
-
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", "import kfp.dsl.executor_main"], check=False, capture_output=True)
-    return time.monotonic() - started if proc.returncode == 0 else 0.0  # 0: unknown, left out of the split
-
-
-def overhead_summary(published: Path, wall: float, steps: int = 0, step_startup_s: float = 0.0) -> str:
+def overhead_summary(published: Path, wall: float, steps: dict[str, float] | None = None) -> str:
     """How the pipeline's wall time splits: training steps and validations (results.csv's train_s and
     val_s), the evaluation steps' loops (their metrics.json seconds), and everything else: process
-    start-up, imports, staging, plots, the report. Of everything else, `steps` x `step_startup_s` is
-    kfp.local's own cost of starting each step in a new Python (measured by kfp_step_startup_s)."""
+    start-up, imports, staging, plots, the report. With `steps` (step name -> seconds), a second
+    line says where everything else went: each kind of step's time outside its loops."""
     import csv
     import json
 
@@ -239,11 +230,18 @@ def overhead_summary(published: Path, wall: float, steps: int = 0, step_startup_
     line = (f"time: training {train:.0f} s, validation {val:.0f} s, evaluation {evaluation:.0f} s ({len(seen)} "
             f"steps); everything else (start-up, imports, staging, plots, report) {rest:.0f} s = "
             f"{100 * rest / max(wall, 1e-9):.1f} % of {wall:.0f} s")
-    if steps and step_startup_s > 0:
-        kfp_part = min(rest, steps * step_startup_s)
-        line += (f"\n  of which kfp.local starting {steps} steps, each in a new Python importing kfp "
-                 f"({step_startup_s:.1f} s each, measured now): {kfp_part:.0f} s; kfyolo's own start-up, "
-                 f"staging, plots and report: {rest - kfp_part:.0f} s = {100 * (rest - kfp_part) / max(wall, 1e-9):.1f} %")
+    if steps:
+        kinds: dict[str, list[float]] = {}
+        for name, took in steps.items():  # train-block, train-block-2, ... are one kind
+            kinds.setdefault(re.sub(r"-\d+$", "", name), []).append(took)
+        inside = {"train-block": train + val, "evaluate": evaluation}
+        parts = []
+        for kind, times in kinds.items():
+            outside = max(0.0, sum(times) - inside.get(kind, 0.0))
+            count = f" x{len(times)}" if len(times) > 1 else ""
+            parts.append(f"{kind}{count} {outside:.0f} s")
+        between = max(0.0, wall - sum(steps.values()))
+        line += f"\n  outside the loops, by step: {', '.join(parts)}; between steps {between:.0f} s"
     return line
 
 

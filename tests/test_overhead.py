@@ -18,18 +18,13 @@ def test_overhead_split_counts_each_evaluation_once(tmp_path):
     line = overhead_summary(tmp_path, wall=100.0)
     assert "training 58 s, validation 2 s, evaluation 10 s (2 steps)" in line
     assert "30 s = 30.0 % of 100 s" in line and "kfp.local" not in line
-    split = overhead_summary(tmp_path, wall=100.0, steps=8, step_startup_s=2.5)
-    assert split.startswith(line)  # the same first line, then kfp.local's share of the 30 s
-    assert "kfp.local starting 8 steps, each in a new Python importing kfp (2.5 s each, measured now): 20 s" in split
-    assert "kfyolo's own start-up, staging, plots and report: 10 s = 10.0 %" in split
-    capped = overhead_summary(tmp_path, wall=100.0, steps=20, step_startup_s=2.5)  # never more than the rest
-    assert ": 30 s; kfyolo's own start-up, staging, plots and report: 0 s = 0.0 %" in capped
-
-
-def test_kfp_step_startup_is_measured():
-    from pipelines.__main__ import kfp_step_startup_s
-
-    assert 0.2 < kfp_step_startup_s() < 60  # a failed import would end in about 0.05 s and give 0
+    steps = {"prepare-dataset": 1.0, "train-block": 45.0, "evaluate": 7.0, "train-block-2": 20.0,
+             "evaluate-2": 8.0, "report": 2.0}
+    split = overhead_summary(tmp_path, wall=100.0, steps=steps)
+    assert split.startswith(line)  # the same first line, then where the 30 s went
+    # train blocks 65 s - (58 + 2) inside their loops; evaluations 15 s - (4 + 6); 17 s of steps left 17 s between
+    assert split.endswith("outside the loops, by step: prepare-dataset 1 s, train-block x2 5 s, evaluate x2 5 s, "
+                          "report 2 s; between steps 17 s")
 
 
 def test_overhead_without_results_is_all_overhead(tmp_path):
