@@ -41,8 +41,8 @@ SHARED = ROOT.parent / "shared"
 COCO128 = SHARED / "datasets" / "coco128"
 VAL2017 = SHARED / "refs" / "coco128_val2017"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
-# numpy<2.4: v7.0 calls np.trapz (gone in 2.4); setuptools<70: it imports pkg_resources
-YOLOV5_PINS = ["yolov5==7.0.14", "torch==2.13.0", "torchvision==0.28.0", "numpy>=2.0.2,<2.4", "setuptools<70", "pycocotools"]
+# numpy<2.4: v7.0 calls np.trapz (gone in 2.4); setuptools<81: it imports pkg_resources (torch 2.13 needs >=77.0.3)
+YOLOV5_PINS = ["yolov5==7.0.14", "torch==2.13.0", "torchvision==0.28.0", "numpy>=2.0.2,<2.4", "setuptools>=77.0.3,<81", "pycocotools"]
 DRIVER = ROOT / "bench" / "yolov5_driver.py"
 
 
