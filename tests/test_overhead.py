@@ -62,3 +62,21 @@ def test_epochs_stream_to_the_console_while_a_step_runs(tmp_path, monkeypatch):
     quiet = RunLogger(tmp_path / "run2", ["a"], tensorboard=False)
     quiet.epoch_end(0, {"total": 0.1})  # an unwritable progress file never fails training
     quiet.close()
+
+
+def test_exit_now_flushes_what_was_written_and_keeps_the_code():
+    """CLIs leave with os._exit (no interpreter teardown); nothing buffered may be lost on the way.
+    Block-buffered pipes, as under torchrun or kfp: PYTHONUNBUFFERED would hide a missing flush."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from trainer.runlog import exit_now\n"
+            "print('out', end='')\n"
+            "sys.stderr.write('err')\n"
+            "exit_now(3)\n"
+            "print('never')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")
