@@ -80,3 +80,20 @@ def test_exit_now_flushes_what_was_written_and_keeps_the_code():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")
+
+
+def test_step_printer_times_each_step_and_shows_one_line_per_step():
+    """run-local's console: a line as each step starts and ends; the durations feed the split."""
+    import io
+
+    from pipelines.__main__ import StepPrinter
+
+    console, log = io.StringIO(), io.StringIO()
+    printer = StepPrinter(console, log)
+    printer.write("10:00:00.000 - INFO - Executing task \x1b[96m'train-block'\x1b[0m\n    noise from the step\n")
+    printer.write("    [kfyolo] block 0: trained\n10:00:01.000 - INFO - Task 'train-block' finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    printer.write("10:00:01.000 - INFO - Executing task 'evaluate'\n10:00:02.000 - INFO - Task 'evaluate' finished with status FAILURE\n")
+    assert set(printer.durations) == {"train-block", "evaluate"} and all(0 <= t < 5 for t in printer.durations.values())
+    lines = [ln[10:] for ln in console.getvalue().splitlines()]  # after the HH:MM:SS stamp
+    assert lines == ["... train-block", "    block 0: trained", "ok  train-block (0 s)", "... evaluate", "FAILED evaluate (0 s)"]
+    assert "\x1b" not in log.getvalue() and "noise from the step" in log.getvalue()
