@@ -19,8 +19,7 @@ def _one_epoch_moves_parameters(tmp_path, synthetic_yaml, device: str, amp: str)
 
     opt = TrainOptions(data=str(synthetic_yaml), cfg="yolov5n", imgsz=64, batch_size=8, device=device, workers=2,
                        project=str(tmp_path), epochs=1, amp=amp)
-    dev = torch.device("cuda", 0) if device != "cpu" else torch.device("cpu")
-    run = setup(opt, distributed.DistContext(), dev)
+    run = setup(opt, distributed.DistContext(), distributed.select_device(device))
     try:
         # parameters only: BatchNorm's running statistics change on any forward pass, trained or not
         before = {k: v.detach().clone() for k, v in run.model.named_parameters()}
