@@ -14,8 +14,9 @@ LOG_TAIL_LINES = 40
 
 
 def torchrun_command(request: TrainRequest) -> list[str]:
-    """The command line; `python -m torch.distributed.run` is torchrun without relying on PATH."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+    """The command line: torchrun without relying on PATH, through trainer.torchrun, which is
+    torch.distributed.run's main minus the agent's interpreter teardown (0.8 s a block)."""
+    return [sys.executable, "-m", "trainer.torchrun", "--standalone", "--nproc_per_node",
             str(request.world_size), "-m", "trainer.train", *request.trainer_args()]
 
 
