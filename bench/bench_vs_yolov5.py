@@ -127,6 +127,37 @@ def ultralytics_env(out: Path) -> dict:
     return env
 
 
+def letterbox_params(data: Path, imgsz: int) -> dict[int, tuple[float, ...]]:
+    """Per val image id: (rh, rw, applied padw, padh, YOLOv5's dw/2, dh/2), from the rect batches
+    (batch 32, pad 0.5) that kfyolo's evaluation letterboxes into."""
+    from trainer.data.config import load_data_config
+    from trainer.data.dataset import YoloDataset
+
+    ds = YoloDataset.from_config(load_data_config(data), "val", img_size=imgsz, batch_size=32, rect=True, stride=32,
+                                 pad=0.5, workers=1)
+    out = {}
+    for i in range(ds.n):
+        img, _, path, ((h0, w0), ((rh, rw), (padw, padh))) = ds[i]
+        height, width = img.shape[1:]
+        out[int(Path(path).stem)] = (rh, rw, padw, padh, (width - round(w0 * rw)) / 2, (height - round(h0 * rh)) / 2)
+    return out
+
+
+def remap_yolov5_way(dets: list[dict], params: dict[int, tuple[float, ...]]) -> list[dict]:
+    """kfyolo's COCO detections mapped back to the original image as YOLOv5 maps them: kfyolo
+    subtracts the whole pixels of padding it applied and divides by each axis's own ratio; YOLOv5
+    subtracts half the total padding (half a pixel off when the total is odd) and divides both axes
+    by the height ratio. Scoring both ways separates a detector difference from this bookkeeping."""
+    out = []
+    for d in dets:
+        rh, rw, padw, padh, dw2, dh2 = params[d["image_id"]]
+        x, y, w, h = d["bbox"]
+        xs = [(v * rw + padw - dw2) / rh for v in (x, x + w)]  # back to the network input, then YOLOv5's way
+        ys = [(v * rh + padh - dh2) / rh for v in (y, y + h)]
+        out.append({**d, "bbox": [xs[0], ys[0], xs[1] - xs[0], ys[1] - ys[0]]})
+    return out
+
+
 def score(gt: Path, predictions: Path) -> dict:
     """pycocotools AP and AP50 of a COCO results file against the shared ground truth."""
     import contextlib
@@ -157,6 +188,7 @@ class Bench:
         self.yv5 = ensure_venv(Path(args.venv))
         self.data = write_data_yaml(self.out)
         self.gt: Path | None = None
+        self.letterbox: dict[int, dict[int, tuple[float, ...]]] = {}
         self.results: dict = {"settings": {k: v for k, v in vars(args).items()}, "eval": {}, "train": {}, "loader": {}}
         previous = self.out / "bench.json"
         if previous.exists():  # keep the parts not run this time
@@ -177,7 +209,13 @@ class Bench:
         if self.gt is None:
             self.gt = folder / "gt.json"
         # kfyolo goes first in every A B pair, so its ground truth is the one both are scored against
-        return {**cpu, "loop_s": metrics["seconds"], **score(self.gt, folder / "predictions.json")}
+        if imgsz not in self.letterbox:
+            self.letterbox[imgsz] = letterbox_params(self.data, imgsz)
+        remapped = folder / "predictions-yolov5-mapping.json"
+        remapped.write_text(json.dumps(remap_yolov5_way(json.loads((folder / "predictions.json").read_text()),
+                                                        self.letterbox[imgsz])))
+        return {**cpu, "loop_s": metrics["seconds"], **score(self.gt, folder / "predictions.json"),
+                "ap_yolov5_mapping": score(self.gt, remapped)["ap"]}
 
     def kfyolo_train(self, seed: int, name: str) -> dict:
         shutil.rmtree(self.out / "kfyolo-train" / name, ignore_errors=True)  # results.csv appends
@@ -312,12 +350,18 @@ def markdown(results: dict) -> str:
             rows.append(f"| kfyolo's image cache, filled before epoch 0 | | {_mean(fills):.1f} s | |")
         add(f"{s['epochs']}-epoch fine-tune AP at {s['train_imgsz']} (mean of {len(train['kfyolo'])} seeds)",
             _mean([r["ap"] for r in train["ultralytics"]]), _mean([r["ap"] for r in train["kfyolo"]]), True, "{:.4f}")
+        if all("ap_yolov5_mapping" in r for r in train["kfyolo"]):
+            add("the same, kfyolo's boxes mapped back YOLOv5's way", _mean([r["ap"] for r in train["ultralytics"]]),
+                _mean([r["ap_yolov5_mapping"] for r in train["kfyolo"]]), True, "{:.4f}")
     for size, runs in (results.get("eval") or {}).items():
         if runs["kfyolo"] and runs["ultralytics"]:
             add(f"val img/s at {size} (loop and metrics, 128 images)",
                 _mean([128 / r["loop_s"] for r in runs["ultralytics"]]), _mean([128 / r["loop_s"] for r in runs["kfyolo"]]))
             add(f"official yolov5n AP at {size}, pycocotools", runs["ultralytics"][0]["ap"], runs["kfyolo"][0]["ap"],
                 True, "{:.4f}")
+            if "ap_yolov5_mapping" in runs["kfyolo"][0]:
+                add("the same, kfyolo's boxes mapped back YOLOv5's way", runs["ultralytics"][0]["ap"],
+                    runs["kfyolo"][0]["ap_yolov5_mapping"], True, "{:.4f}")
     loader = results.get("loader") or {}
     if loader.get("kfyolo") and loader.get("ultralytics"):
         ls = {**s, **loader.get("settings", {})}

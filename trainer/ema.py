@@ -35,9 +35,11 @@ class ModelEMA:
         self.updates += 1
         d = self.decay_at(self.updates)
         source = unwrap(model).state_dict()
-        for name, v in self.ema.state_dict().items():
-            if v.dtype.is_floating_point:  # BN's num_batches_tracked is an int counter: not averaged
-                v.mul_(d).add_(source[name].detach(), alpha=1 - d)
+        # BN's num_batches_tracked is an int counter: not averaged. v*d + s*(1-d) is lerp(v, s, 1-d),
+        # one multi-tensor call for every tensor instead of two kernels each.
+        pairs = [(v, source[name].detach()) for name, v in self.ema.state_dict().items() if v.dtype.is_floating_point]
+        if pairs:
+            torch._foreach_lerp_([v for v, _ in pairs], [s.to(v.dtype) for v, s in pairs], 1 - d)
 
     def state_dict(self) -> dict:
         return {"model": self.ema.state_dict(), "updates": self.updates}
