@@ -12,6 +12,9 @@ def evaluate(model: Input[Model], dataset: Input[Dataset], block: int, imgsz: in
 
     from trainer.evaluate import EvalOptions
     from trainer.evaluate import evaluate as run
+    from trainer.memory import keep_freed_memory
+
+    keep_freed_memory()  # this step's process is the evaluation's own (trainer/memory.py)
 
     out = Path(evaluation.path)
     record = run(EvalOptions(data=str(Path(dataset.path) / "data.yaml"), weights=str(Path(model.path) / "weights" / "last.pt"),
