@@ -207,8 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.memory import keep_freed_memory
-    from trainer.runlog import exit_now
+    from trainer.runlog import run_cli
 
-    keep_freed_memory()  # a CLI process owns its allocator: reuse freed activations (trainer/memory.py)
-    exit_now(main())
+    run_cli(main)

@@ -13,7 +13,7 @@ import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -175,6 +175,16 @@ def _tb_tag(key: str) -> str:
     if key == "train_s":
         return "time/train_epoch_s"
     return f"metrics/{key}"
+
+
+def run_cli(main: Callable[[], int]) -> None:
+    """A training, evaluation or prediction CLI's `__main__`: the process owns its allocator, so
+    freed activations are reused (trainer/memory.py); then main runs and the process exits with
+    its status, skipping the interpreter's teardown (exit_now)."""
+    from trainer.memory import keep_freed_memory
+
+    keep_freed_memory()
+    exit_now(main())
 
 
 def exit_now(code: int) -> None:

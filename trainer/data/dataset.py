@@ -18,7 +18,6 @@ each other.
 
 from __future__ import annotations
 
-import math
 import random
 import signal
 from collections.abc import Mapping, Sequence

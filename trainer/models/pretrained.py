@@ -52,7 +52,7 @@ def read_weights(path: str | Path) -> SourceWeights:
     try:
         ckpt = load_checkpoint(path)
         return SourceWeights(dict(ckpt["model"]), list(ckpt["names"]), dict(ckpt["spec"]), "kfyolo", str(path))
-    except CheckpointError as kfyolo_error:
+    except CheckpointError:
         try:
             foreign = read_ultralytics_checkpoint(path)
         except pickle.UnpicklingError as e:  # the allow-list refused a global: code would have run
