@@ -16,6 +16,7 @@ the outputs (runs/pipelines/<timestamp>/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import re
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from components import warm
 from pipelines.kfyolo_pipeline import (CLUSTER_LAUNCHERS, DEFAULT_IMAGE, DEFAULT_SAMPLER, ClusterOptions,
                                        build_pipeline)
 
@@ -133,6 +135,12 @@ def ensure_synthetic(images: int, seed: int, imgsz: int = 256, long_tail: bool =
 
 
 def run_local(args: argparse.Namespace) -> int:
+    # First, so that its imports overlap with this process's and the first steps' work.
+    with contextlib.nullcontext() if args.no_warm else warm.serving():
+        return run_pipeline_here(args)
+
+
+def run_pipeline_here(args: argparse.Namespace) -> int:
     from kfp import local
 
     long_tail = args.synthetic == "longtail"
@@ -308,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--study", default="", help="study.json of bench/study_sampling.py: the report shows its "
                    "uniform baseline beside the run")
     r.add_argument("--verbose", action="store_true", help="show KFP's full log on the console")
+    r.add_argument("--no-warm", action="store_true",
+                   help="no warm process server: every step and rank imports torch itself (components/warm.py)")
     return p
 
 
