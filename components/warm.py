@@ -43,10 +43,13 @@ from typing import Any, Iterator
 
 ENV = "KFYOLO_WARM"
 KILL_GRACE_S = 30.0
-# What the jobs use; a module that fails to import is just not preloaded (the job imports it, or fails, itself).
-PRELOAD = ("torch", "torchvision", "torch.distributed.launcher.api", "matplotlib.pyplot", "onnx", "onnxruntime",
-           "trainer.train", "trainer.evaluate", "trainer.export", "trainer.predict", "trainer.plots",
-           "components.evaluate", "components.export_model", "components.launchers.local")
+# What the jobs use. PRELOAD is imported before the first job starts: a training block needs all of
+# it, and waiting for the server costs no more than importing in the job. LATER is imported while
+# no job is waiting; a job forked before then imports what it needs itself. A module that fails to
+# import is just not preloaded (the job imports it, or fails, itself).
+PRELOAD = ("torch", "torchvision", "torch.distributed.launcher.api", "trainer.train", "components.launchers.local")
+LATER = ("matplotlib.pyplot", "trainer.plots", "trainer.evaluate", "components.evaluate", "trainer.export",
+         "trainer.predict", "onnx", "onnxruntime", "components.export_model")
 
 
 class WarmUnavailable(RuntimeError):
@@ -132,13 +135,13 @@ def resolve(target: str) -> Any:
 
 
 @contextlib.contextmanager
-def serving(preload: tuple[str, ...] = PRELOAD) -> Iterator[str]:
+def serving(preload: tuple[str, ...] = PRELOAD, later: tuple[str, ...] = LATER) -> Iterator[str]:
     """Run a server for the duration and point $KFYOLO_WARM at it (the step processes inherit it).
     The socket is listening when this yields; jobs queue until the server has finished its imports."""
     folder = tempfile.mkdtemp(prefix="kfyolo-warm-")  # 0700, and short: a socket path is at most 107 bytes
     path = os.path.join(folder, "server.sock")
     ready = os.path.join(folder, "listening")
-    proc = subprocess.Popen([sys.executable, "-m", "components.warm", path, ",".join(preload)],
+    proc = subprocess.Popen([sys.executable, "-m", "components.warm", path, ",".join(preload), ",".join(later)],
                             stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
     previous = os.environ.get(ENV)
     try:
@@ -167,9 +170,10 @@ def serving(preload: tuple[str, ...] = PRELOAD) -> Iterator[str]:
         os.rmdir(folder)
 
 
-def serve(path: str, preload: tuple[str, ...]) -> None:
-    """Listen on `path`, import `preload`, then fork a session per connection until SIGTERM or until
-    the parent that started the server is gone."""
+def serve(path: str, preload: tuple[str, ...], later: tuple[str, ...] = ()) -> None:
+    """Listen on `path`, import `preload`, then fork a session per connection, importing `later`
+    one module at a time while none is waiting, until SIGTERM or until the parent that started the
+    server is gone."""
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -178,24 +182,29 @@ def serve(path: str, preload: tuple[str, ...]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is run-local's to handle: it stops the server
     for name in preload:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - an optional module missing here is the job's business
-            print(f"[kfyolo] warm server: not preloading {name}: {e}", file=sys.stderr)
+        _preload(name)
+    pending = list(later)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
-    listener.settimeout(1.0)
     while os.getppid() == parent:
-        try:
-            conn, _ = listener.accept()
-        except socket.timeout:
+        waiting, _, _ = select.select([listener], [], [], 0 if pending else 1.0)
+        if not waiting:
+            if pending:
+                _preload(pending.pop(0))
             continue
-        conn.settimeout(None)
+        conn, _ = listener.accept()
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
             listener.close()
             _session(conn)
         conn.close()
+
+
+def _preload(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - an optional module missing here is the job's business
+        print(f"[kfyolo] warm server: not preloading {name}: {e}", file=sys.stderr)
 
 
 def _session(conn: socket.socket) -> None:
@@ -290,4 +299,4 @@ def _job(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], tuple(m for m in sys.argv[2].split(",") if m))
+    serve(sys.argv[1], *(tuple(m for m in arg.split(",") if m) for arg in sys.argv[2:4]))

@@ -25,11 +25,12 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TYPE_CHECKING, Sequence, TextIO
 
 from components import warm
-from pipelines.kfyolo_pipeline import (CLUSTER_LAUNCHERS, DEFAULT_IMAGE, DEFAULT_SAMPLER, ClusterOptions,
-                                       build_pipeline)
+
+if TYPE_CHECKING:
+    from pipelines.kfyolo_pipeline import ClusterOptions
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SYNTHETIC = Path("data/synthetic")
@@ -85,6 +86,8 @@ def compile_pipeline(out: Path, blocks: int, image: str, launcher: str, cluster:
                      workers: int = 2) -> Path:
     from kfp import compiler
 
+    from pipelines.kfyolo_pipeline import build_pipeline
+
     compiler.Compiler().compile(build_pipeline(blocks, image, launcher, cluster, workers), str(out))
     return out
 
@@ -101,6 +104,8 @@ def elastic_range(text: str) -> tuple[int, int]:
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
     """The cluster launchers' settings; KFP's own Secret stages under its own bucket by default."""
+    from pipelines.kfyolo_pipeline import CLUSTER_LAUNCHERS, ClusterOptions
+
     if args.launcher not in CLUSTER_LAUNCHERS:
         return None
     if args.elastic and args.launcher != "pytorchjob":
@@ -135,13 +140,9 @@ def ensure_synthetic(images: int, seed: int, imgsz: int = 256, long_tail: bool =
 
 
 def run_local(args: argparse.Namespace) -> int:
-    # First, so that its imports overlap with this process's and the first steps' work.
-    with contextlib.nullcontext() if args.no_warm else warm.serving():
-        return run_pipeline_here(args)
-
-
-def run_pipeline_here(args: argparse.Namespace) -> int:
     from kfp import local
+
+    from pipelines.kfyolo_pipeline import DEFAULT_IMAGE, build_pipeline
 
     long_tail = args.synthetic == "longtail"
     data = args.data or ensure_synthetic(args.synthetic_images, args.seed, 128 if long_tail else 256, long_tail)
@@ -254,6 +255,8 @@ def overhead_summary(published: Path, wall: float, steps: dict[str, float] | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.kfyolo_pipeline import CLUSTER_LAUNCHERS, DEFAULT_IMAGE, DEFAULT_SAMPLER
+
     p = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -322,7 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # run-local's warm server (components/warm.py) starts first, so that its imports overlap with
+    # this process's (kfp: a second) and the first steps'; kfyolo_pipeline is imported after it.
+    warm_run = argv[:1] == ["run-local"] and not {"--no-warm", "-h", "--help"} & set(argv)
+    with warm.serving() if warm_run else contextlib.nullcontext():
+        return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "compile":
         try:
             out = compile_pipeline(Path(args.out), args.blocks, args.image, args.launcher, cluster_options(args),

@@ -73,6 +73,15 @@ def test_a_step_that_goes_away_stops_its_job(server, tmp_path):
         time.sleep(0.05)
 
 
+def test_later_modules_load_while_the_server_is_idle():
+    with warm.serving(("tests.warm_targets",), later=("colorsys", "no_such_module_here")):
+        deadline = time.monotonic() + 30
+        while not warm.call("tests.warm_targets:loaded", {"names": ["colorsys"]})[0]:
+            assert time.monotonic() < deadline, "the later module never loaded"
+            time.sleep(0.1)
+        assert warm.call("tests.warm_targets:loaded", {"names": ["no_such_module_here"]}) == [False]
+
+
 def test_without_a_server_the_work_runs_here(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv(warm.ENV, raising=False)
     assert not warm.available()

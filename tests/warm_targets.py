@@ -42,3 +42,7 @@ def wait_for_term(marker: str) -> None:
     with open(marker, "w") as f:
         f.write(str(os.getpid()))
     time.sleep(60)
+
+
+def loaded(names: list[str]) -> list[bool]:
+    return [name in sys.modules for name in names]
