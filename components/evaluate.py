@@ -13,7 +13,7 @@ def evaluate(model: Input[Model], dataset: Input[Dataset], block: int, imgsz: in
     from components.warm import call
 
     # In run-local's warm server when there is one (components/warm.py), else in this process.
-    record = call("components.evaluate:evaluate_into", dict(
+    record = call("components.work:evaluate_into", dict(
         data=str(Path(dataset.path) / "data.yaml"), weights=str(Path(model.path) / "weights" / "last.pt"),
         imgsz=imgsz, batch_size=batch_size, device=device, out=evaluation.path))
     for key in ("precision", "recall", "map50", "map"):
@@ -23,19 +23,6 @@ def evaluate(model: Input[Model], dataset: Input[Dataset], block: int, imgsz: in
     evaluation.metadata["block"] = block
     print(f"[kfyolo] block {block} evaluation: mAP@.5 {record['map50']:.4f}  mAP@.5:.95 {record['map']:.4f}  "
           f"P {record['precision']:.3f}  R {record['recall']:.3f}")
-
-
-def evaluate_into(data: str, weights: str, imgsz: int, batch_size: int, device: str, out: str) -> dict:
-    """trainer.evaluate into the folder `out`; its metrics record (JSON: it is also metrics.json)."""
-    from pathlib import Path
-
-    from trainer.evaluate import EvalOptions, evaluate
-    from trainer.memory import keep_freed_memory
-
-    keep_freed_memory()  # the process is the evaluation's own (trainer/memory.py)
-    folder = Path(out)
-    return evaluate(EvalOptions(data=data, weights=weights, imgsz=imgsz, batch_size=batch_size, device=device,
-                                project=str(folder.parent), name=folder.name, exist_ok=True, workers=2))
 
 
 def component(image: str):

@@ -17,16 +17,16 @@ def report(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Data
     import shutil
     from pathlib import Path
 
-    from trainer.report import build_markdown, build_report
+    from components.warm import call
 
     run_dir = Path(model.path)
     earlier = sorted((run_dir / "evaluations").glob("block*"), key=lambda p: int(p.name[5:]))
     dataset_report = json.loads((Path(dataset.path) / "report.json").read_text()).get("train")
-    summary = build_report(run_dir, [*earlier, Path(evaluation.path)], Path(html.path),
-                           epochs_per_block=epochs_per_block, dataset_report=dataset_report,
-                           study=Path(study) if study else None,
-                           predictions=Path(exported_predictions.path) if exported_predictions is not None else None)
-    Path(markdown.path).write_text(build_markdown(summary))
+    # In run-local's warm server when there is one (components/warm.py), else in this process.
+    call("components.work:report_into", dict(
+        run_dir=str(run_dir), evaluations=[str(p) for p in [*earlier, Path(evaluation.path)]], html=html.path,
+        markdown=markdown.path, epochs_per_block=epochs_per_block, dataset_report=dataset_report, study=study,
+        predictions=exported_predictions.path if exported_predictions is not None else ""))
     where = html.path
     if publish.startswith("s3://"):
         from trainer.storage import Storage

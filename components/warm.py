@@ -44,12 +44,13 @@ from typing import Any, Iterator
 ENV = "KFYOLO_WARM"
 KILL_GRACE_S = 30.0
 # What the jobs use. PRELOAD is imported before the first job starts: a training block needs all of
-# it, and waiting for the server costs no more than importing in the job. LATER is imported while
-# no job is waiting; a job forked before then imports what it needs itself. A module that fails to
+# it, and waiting for the server costs no more than importing in the job. LATER (evaluation, export,
+# report) is imported once the first job has started, one module at a time while no other job is
+# waiting, so the first block never waits for it; a job forked before then imports what it needs. A module that fails to
 # import is just not preloaded (the job imports it, or fails, itself).
 PRELOAD = ("torch", "torchvision", "torch.distributed.launcher.api", "trainer.train", "components.launchers.local")
-LATER = ("matplotlib.pyplot", "trainer.plots", "trainer.evaluate", "components.evaluate", "trainer.export",
-         "trainer.predict", "onnx", "onnxruntime", "components.export_model")
+LATER = ("matplotlib.pyplot", "trainer.plots", "trainer.evaluate", "components.work", "trainer.report",
+         "trainer.predict", "trainer.export", "onnx", "onnxruntime")
 
 
 class WarmUnavailable(RuntimeError):
@@ -172,8 +173,8 @@ def serving(preload: tuple[str, ...] = PRELOAD, later: tuple[str, ...] = LATER) 
 
 def serve(path: str, preload: tuple[str, ...], later: tuple[str, ...] = ()) -> None:
     """Listen on `path`, import `preload`, then fork a session per connection, importing `later`
-    one module at a time while none is waiting, until SIGTERM or until the parent that started the
-    server is gone."""
+    (after the first) one module at a time while none is waiting, until SIGTERM or until the parent
+    that started the server is gone."""
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -183,7 +184,7 @@ def serve(path: str, preload: tuple[str, ...], later: tuple[str, ...] = ()) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is run-local's to handle: it stops the server
     for name in preload:
         _preload(name)
-    pending = list(later)
+    pending: list[str] = []
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
     while os.getppid() == parent:
         waiting, _, _ = select.select([listener], [], [], 0 if pending else 1.0)
@@ -192,6 +193,7 @@ def serve(path: str, preload: tuple[str, ...], later: tuple[str, ...] = ()) -> N
                 _preload(pending.pop(0))
             continue
         conn, _ = listener.accept()
+        pending, later = pending + list(later), ()
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
