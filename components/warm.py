@@ -27,6 +27,7 @@ to be broken by the fork.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -207,6 +208,9 @@ def _preload(name: str) -> None:
         importlib.import_module(name)
     except Exception as e:  # noqa: BLE001 - an optional module missing here is the job's business
         print(f"[kfyolo] warm server: not preloading {name}: {e}", file=sys.stderr)
+    # What is loaded so far leaves the collector's generations: the jobs' collections then never
+    # walk (and so never copy-on-write) the modules they inherit.
+    gc.freeze()
 
 
 def _session(conn: socket.socket) -> None:

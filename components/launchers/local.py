@@ -38,7 +38,7 @@ def train_ranks(nproc: int, trainer_args: list[str]) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun; the trainer sets its threads itself
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="fork")
+                          monitor_interval=0.02, start_method="fork")
     try:
         elastic_launch(config, train_rank)(list(trainer_args))
     except ChildFailedError as e:
