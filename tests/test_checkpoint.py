@@ -123,3 +123,92 @@ def test_a_read_only_project_fails_before_any_work(tmp_path, synthetic_yaml, cap
         assert "images kept" not in err  # refused before the data scan
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_background_writer_keeps_order_and_best_is_a_link_that_survives_the_next_last(tmp_path):
+    """CheckpointWriter: writes land in the order given; best.pt is last.pt's file (a hard link,
+    no second serialisation) until the next last.pt replaces its own name, and then keeps the
+    epoch it was linked at."""
+    from trainer.checkpoint import CheckpointWriter
+
+    writer = CheckpointWriter()
+    weights = tmp_path / "weights"
+    for epoch in range(4):
+        ckpt = {**_ckpt(float(epoch)), "epoch": epoch}
+        writer.write(ckpt, weights / "last.pt", links=[weights / "best.pt"] if epoch in (0, 2) else [])
+    writer.wait()
+    assert load_checkpoint(weights / "last.pt")["epoch"] == 3
+    best = load_checkpoint(weights / "best.pt")
+    assert best["epoch"] == 2 and torch.equal(best["model"]["w"], torch.full((3,), 2.0))
+    assert (weights / "best.pt").stat().st_ino != (weights / "last.pt").stat().st_ino
+    writer.write(_ckpt(9.0), weights / "last.pt", links=[weights / "best.pt"])
+    writer.close()
+    assert (weights / "best.pt").stat().st_ino == (weights / "last.pt").stat().st_ino
+    assert sorted(p.name for p in weights.iterdir()) == ["best.pt", "last.pt"]  # no temporary files
+
+
+def test_a_failed_background_write_is_raised_by_the_next_call_and_loses_nothing(tmp_path):
+    from trainer.checkpoint import CheckpointWriter
+
+    writer = CheckpointWriter()
+    writer.write(_ckpt(1.0), tmp_path / "last.pt")
+    writer.wait()
+    (tmp_path / "blocked").mkdir()  # a folder where a file should go: the rename fails
+    writer.write(_ckpt(2.0), tmp_path / "blocked")
+    with pytest.raises(CheckpointError, match="blocked"):
+        writer.wait()
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["model"]["w"], torch.ones(3))
+    writer.write(_ckpt(3.0), tmp_path / "last.pt")  # the writer goes on after a reported failure
+    writer.close()
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["model"]["w"], torch.full((3,), 3.0))
+    assert sorted(os.listdir(tmp_path)) == ["blocked", "last.pt"]
+
+
+def test_a_slow_disk_holds_the_writer_back_instead_of_queueing_copies(tmp_path, monkeypatch):
+    """At most one write waits behind the one in progress: the third write() blocks until the
+    first has landed."""
+    import threading
+
+    import trainer.checkpoint as checkpoint
+
+    gate, started = threading.Event(), threading.Event()
+    real_save = checkpoint.save_checkpoint
+
+    def slow(ckpt, path):
+        started.set()
+        gate.wait(10)
+        return real_save(ckpt, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow)
+    writer = checkpoint.CheckpointWriter()
+    writer.write(_ckpt(1.0), tmp_path / "a.pt")
+    writer.write(_ckpt(2.0), tmp_path / "b.pt")
+    started.wait(10)
+    third = threading.Thread(target=writer.write, args=(_ckpt(3.0), tmp_path / "c.pt"))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive() and not (tmp_path / "a.pt").exists()  # blocked behind the slow write
+    gate.set()
+    third.join(10)
+    writer.close()
+    assert [load_checkpoint(tmp_path / f"{n}.pt")["model"]["w"][0].item() for n in "abc"] == [1.0, 2.0, 3.0]
+
+
+def test_a_built_checkpoint_owns_its_tensors(tmp_path):
+    """build_checkpoint copies every tensor, the optimizer's state included: training that goes on
+    while the writer serialises cannot change what it writes."""
+    from trainer.state import TrainState, build_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    ckpt = build_checkpoint(ema_model=model, raw_model=model, ema_updates=1, optimizer=optimizer, scaler=None,
+                            state=TrainState(maps=torch.zeros(2).numpy()), hyp={}, opt={}, spec={}, names=["a", "b"])
+    before = {k: v.clone() for k, v in ckpt["optimizer"]["state"][0].items()}
+    weight = ckpt["model"]["weight"].clone()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # in place, as the next epoch does
+    assert not torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], before["momentum_buffer"])
+    assert torch.equal(ckpt["optimizer"]["state"][0]["momentum_buffer"], before["momentum_buffer"])
+    assert torch.equal(ckpt["model"]["weight"], weight) and not torch.equal(model.weight.detach(), weight)

@@ -24,7 +24,17 @@ def test_overhead_split_counts_each_evaluation_once(tmp_path):
     assert split.startswith(line)  # the same first line, then where the 30 s went
     # train blocks 65 s - (58 + 2) inside their loops; evaluations 15 s - (4 + 6); 17 s of steps left 17 s between
     assert split.endswith("outside the loops, by step: prepare-dataset 1 s, train-block x2 5 s, evaluate x2 5 s, "
-                          "report 2 s; between steps 17 s")
+                          "report 2 s; start-up and between steps 17 s")
+
+
+def test_process_age_counts_from_the_interpreter_start():
+    """run-local's clock starts with the process: its start-up and imports count as overhead."""
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(0.6); from pipelines.__main__ import process_age; print(process_age())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert 0.6 <= float(out.stdout) < 30
 
 
 def test_overhead_without_results_is_all_overhead(tmp_path):

@@ -173,6 +173,28 @@ def test_auto_resume_starts_fresh_resumes_and_knows_when_it_is_done(tmp_path, sy
     assert main(other) == 2
 
 
+def test_a_resume_redoes_the_rows_its_checkpoint_does_not_hold(tmp_path, synthetic_yaml):
+    """Killed after an epoch's results.csv row and weighting record were written but before its
+    checkpoint landed (the checkpoint writer works in the background): the resume drops that
+    epoch's row and record and writes them again, once each."""
+    import json
+
+    args = ["--data", str(synthetic_yaml), "--project", str(tmp_path), "--workers", "0", *FLAGS, "--name", "k"]
+    assert main([*args, "--stop-epoch", "1"]) == 0
+    run = tmp_path / "k"
+    with (run / "results.csv").open("a") as f:  # epoch 1 as a killed run leaves it: row, no checkpoint
+        f.write("1" + (run / "results.csv").read_text().splitlines()[-1][1:] + "\n")
+    record = json.loads((run / "image_weights.jsonl").read_text().splitlines()[-1])
+    with (run / "image_weights.jsonl").open("a") as f:
+        f.write(json.dumps({**record, "epoch": 1, "class_draws": [-1]}) + "\n")
+    stale = _results(run)[1]
+    assert main(["--resume", str(run / "weights" / "last.pt"), "--workers", "0"]) == 0
+    rows = _results(run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and rows[1]["total"] != stale["total"]
+    records = [json.loads(line) for line in (run / "image_weights.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2] and records[1]["class_draws"] != [-1]
+
+
 # ------------------------------------------------------------------ torchrun, 2 gloo ranks
 
 def _torchrun(args: list[str], *extra: str) -> subprocess.Popen:

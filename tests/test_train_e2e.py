@@ -91,3 +91,22 @@ def test_image_weight_record(one_epoch):
 def test_dataset_report_is_saved(one_epoch):
     report = json.loads((one_epoch / "dataset_report.json").read_text())
     assert report["train"]["n_kept"] == 24 and report["val"]["n_kept"] == 8
+
+
+def test_results_plot_end_leaves_it_to_the_run_that_ends_the_schedule(tmp_path, synthetic_yaml):
+    """--results-plot end (the pipeline's blocks): a block that stops early draws no results.png and
+    removes an earlier one (it would show fewer epochs than results.csv); the run that ends the
+    schedule draws it, the option kept from the checkpoint. best.pt is last.pt's file (a hard link)
+    when the last epoch was the best, and a file of its own after the end strips it."""
+    run = tmp_path / "blocks"
+    run.mkdir()
+    (run / "results.png").write_bytes(b"a previous block's plot")
+    code, _ = _train(tmp_path, synthetic_yaml, "--epochs", "2", "--stop-epoch", "1", "--results-plot", "end",
+                     "--exist-ok", name="blocks")
+    assert code == 0 and not (run / "results.png").exists() and (run / "results.csv").is_file()
+    assert (run / "weights" / "best.pt").stat().st_ino == (run / "weights" / "last.pt").stat().st_ino
+    assert main(["--resume", str(run / "weights" / "last.pt"), "--workers", "1"]) == 0
+    assert (run / "results.png").stat().st_size > 10_000
+    assert [r["epoch"] for r in csv.DictReader((run / "results.csv").open())] == ["0", "1"]
+    assert (run / "weights" / "best.pt").stat().st_ino != (run / "weights" / "last.pt").stat().st_ino
+    assert load_checkpoint(run / "weights" / "best.pt")["optimizer"] is None  # stripped for inference

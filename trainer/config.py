@@ -190,6 +190,7 @@ class TrainOptions:
     deterministic: bool = False
     dist_timeout: float = 1800.0  # seconds a collective (or joining the group) may wait for a peer
     grace_period: float = 25.0    # seconds from SIGTERM/SIGINT to a saved, resumable exit (pods get 30)
+    results_plot: str = "always"  # results.png when this run ends (always) or only when the schedule does (end)
 
     def __post_init__(self) -> None:
         checks = [
@@ -201,6 +202,7 @@ class TrainOptions:
             (self.patience >= 0, f"--patience must be >= 0, got {self.patience}"),
             (self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}"),
             (self.grace_period > 0, f"--grace-period must be > 0 seconds, got {self.grace_period}"),
+            (self.results_plot in ("always", "end"), f"--results-plot must be always or end, got {self.results_plot!r}"),
             (self.optimizer in ("SGD", "Adam", "AdamW"), f"--optimizer must be SGD, Adam or AdamW, got {self.optimizer!r}"),
             (self.amp in ("auto", "fp16", "bf16", "off"), f"--amp must be auto, fp16, bf16 or off, got {self.amp!r}"),
             (self.memory_format in MEMORY_FORMATS,

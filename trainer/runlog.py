@@ -43,6 +43,7 @@ class RunLogger:
         self._tb = None
         self._plotter: ThreadPoolExecutor | None = None
         self._plots: list[Future] = []
+        self._closing = False
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -72,10 +73,13 @@ class RunLogger:
         background thread (about a second each at 640 px), off the training step."""
         if not self.enabled or ni >= PLOTTED_BATCHES:
             return
+        batch = (imgs.detach().cpu().clone(), targets.detach().cpu().clone(), list(paths))
+        self._in_background(self._plot_batch, ni, epoch, *batch)
+
+    def _in_background(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._plotter is None:
             self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
-        batch = (imgs.detach().cpu().clone(), targets.detach().cpu().clone(), list(paths))
-        self._plots.append(self._plotter.submit(self._plot_batch, ni, epoch, *batch))
+        self._plots.append(self._plotter.submit(fn, *args))
 
     def _plot_batch(self, ni: int, epoch: int, imgs: torch.Tensor, targets: torch.Tensor, paths: list[str]) -> None:
         image = plots.plot_images(imgs, targets, paths, self.names, self.run_dir / f"train_batch{ni}.jpg")
@@ -83,12 +87,12 @@ class RunLogger:
             self._tb.add_image(f"train_batch{ni}", image, global_step=epoch, dataformats="HWC")
 
     def wait_for_plots(self) -> None:
-        """Block until the queued batch plots are written; a failed plot is logged, not raised."""
+        """Block until the queued plots are written; a failed plot is logged, not raised."""
         for future in self._plots:
             try:
                 future.result()
             except Exception as e:  # a plot must never end a training run
-                log.warning("a batch plot failed: %s", e)
+                log.warning("a plot failed: %s", e)
         self._plots.clear()
 
     # epochs ---------------------------------------------------------------------------------
@@ -116,6 +120,37 @@ class RunLogger:
         else:
             log.info("epoch %d: total loss %.4f (not validated this epoch; see --val-every)", epoch, row.get("total", float("nan")))
         self._progress(epoch, row)
+
+    def forget_from(self, epoch: int) -> None:
+        """Resuming at `epoch`: drop the results.csv rows and image_weights.jsonl records of that
+        epoch and later ones, which the run will write again. They exist when a run ended before
+        its checkpoint held them: killed after an epoch's row while its checkpoint was being
+        written, or stopped inside an epoch whose record was written when it began."""
+        if not self.enabled:
+            return
+
+        def keep_csv(line: str) -> bool:
+            head = line.split(",", 1)[0]
+            return not head.isdigit() or int(head) < epoch
+
+        def keep_json(line: str) -> bool:
+            try:
+                return int(json.loads(line)["epoch"]) < epoch
+            except (ValueError, KeyError, TypeError):
+                return True
+
+        for name, keep in (("results.csv", keep_csv), ("image_weights.jsonl", keep_json)):
+            path = self.run_dir / name
+            if not path.is_file():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if not line.strip() or keep(line)]
+            if len(kept) < len(lines):
+                tmp = path.with_name(f".{name}.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+                log.info("%s: dropped %d row(s) of epoch %d and later, which this resume trains again",
+                         name, len(lines) - len(kept), epoch)
 
     def _progress(self, epoch: int, row: dict[str, float]) -> None:
         """One line per epoch appended to $KFYOLO_PROGRESS when set: `make demo`'s runner
@@ -151,16 +186,32 @@ class RunLogger:
         if self.enabled:
             log.warning(message, *args)
 
+    def start_closing(self, results_plot: bool = True) -> None:
+        """Close TensorBoard and start drawing results.png on the plot thread, so that the caller
+        can leave its process group meanwhile (trainer/distributed.py's cleanup waits 0.2 s);
+        close() waits for it. Without `results_plot` an earlier results.png (a previous block's)
+        is removed instead: it would show fewer epochs than results.csv."""
+        if self._closing:
+            return
+        self._closing = True
+        self.wait_for_plots()  # the batch plots write to TensorBoard
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if not self.enabled:
+            return
+        csv_path = self.run_dir / "results.csv"
+        if not results_plot:
+            (self.run_dir / "results.png").unlink(missing_ok=True)
+        elif csv_path.exists():
+            self._in_background(plots.plot_results_csv, csv_path)
+
     def close(self) -> None:
+        self.start_closing()
         self.wait_for_plots()
         if self._plotter is not None:
             self._plotter.shutdown()
             self._plotter = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self.enabled and (self.run_dir / "results.csv").exists():
-            plots.plot_results_csv(self.run_dir / "results.csv")
 
 
 def _tb_tag(key: str) -> str:

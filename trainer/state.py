@@ -85,18 +85,19 @@ def build_checkpoint(*, ema_model: torch.nn.Module, raw_model: torch.nn.Module, 
                      optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None,
                      state: TrainState, hyp: dict, opt: dict, spec: dict, names: list[str],
                      metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """`model` holds the EMA weights (what inference and fine-tuning want); the rest is for resume."""
+    """`model` holds the EMA weights (what inference and fine-tuning want); the rest is for resume.
+    Every tensor in it is a copy on the CPU, so it can be written while training goes on."""
     return {
         "format": CHECKPOINT_FORMAT,
         "version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "epoch": state.epoch - 1,  # last completed epoch (train_state.images_done > 0: part of the next one too)
-        "model": {k: v.detach().cpu().clone() for k, v in ema_model.state_dict().items()},
-        "raw_model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()},
+        "model": owned(ema_model.state_dict()),
+        "raw_model": owned(raw_model.state_dict()),
         "ema_updates": ema_updates,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "train_state": state.to_dict(),
+        "optimizer": owned(optimizer.state_dict()) if optimizer is not None else None,
+        "scaler": owned(scaler.state_dict()) if scaler is not None and scaler.is_enabled() else None,
+        "train_state": owned(state.to_dict()),
         "maps": [float(m) for m in state.maps],
         "best_fitness": float(state.best_fitness),
         "hyp": dict(hyp),
@@ -106,6 +107,17 @@ def build_checkpoint(*, ema_model: torch.nn.Module, raw_model: torch.nn.Module, 
         "metrics": dict(metrics or {}),
         "rng": capture_rng(),
     }
+
+
+def owned(value: Any) -> Any:
+    """`value` with each tensor in its dicts, lists and tuples replaced by a detached CPU copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(owned(v) for v in value)
+    return value
 
 
 def strip_for_inference(ckpt: dict[str, Any]) -> dict[str, Any]:

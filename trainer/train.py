@@ -45,7 +45,7 @@ log = logging.getLogger("trainer")
 
 # Options a resumed run may change; anything else must match the checkpoint.
 RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout",
-                  "class_weights", "val_every", "memory_format", "cache", "grace_period"}
+                  "class_weights", "val_every", "memory_format", "cache", "grace_period", "results_plot"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--class-weights", help="class_weights.json ({'class_weights': [...]}); default: inverse label frequency")
     a("--deterministic", action="store_const", const=True, help="deterministic algorithms (slower)")
     a("--dist-timeout", type=float, help="seconds a rank waits for its peers before failing (default 1800)")
+    a("--results-plot", choices=["always", "end"],
+      help="draw results.png from results.csv when this run ends (default always), or only when it ends the "
+      "schedule (end: for blocks that a later run continues, which draws the whole history; an earlier "
+      "results.png left in the folder is removed, as it would show fewer epochs than results.csv)")
     a("--grace-period", type=float,
       help="seconds from SIGTERM/SIGINT to a saved, resumable exit: the step in progress finishes, last.pt "
       "records the position in the epoch, the exit code is 128 + the signal (default 25, under a pod's 30)")
