@@ -212,7 +212,7 @@ def run_local(args: argparse.Namespace) -> int:
     wall = time.monotonic() - started
     print(f"done in {wall:.0f} s; report: {where}/report.html; run folder: {where}/run")
     if generated:
-        print(f"(generating the synthetic dataset took {generated:.0f} s more, not counted: later runs reuse it)")
+        print(f"(generating the synthetic dataset took {generated:.1f} s more, not counted: later runs reuse it)")
     if not where.startswith("s3://"):
         print(overhead_summary(Path(where), wall, printer.durations))
     return 0
