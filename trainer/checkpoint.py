@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
 
@@ -29,6 +29,11 @@ REQUIRED_KEYS = ("model", "spec", "names")
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename: a crash leaves either the
     old file or the new one, never half of one."""
+    return _atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def _atomic_write(path: str | Path, fill: Callable[[BinaryIO], Any]) -> Path:
+    """`fill` writes the file's bytes into a temporary file beside `path`; fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -37,7 +42,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary readable files
@@ -52,25 +57,21 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
 
 def link_checkpoint(source: str | Path, path: str | Path) -> Path:
     """Give `path` the file `source` holds, atomically: a hard link (no bytes copied) renamed over
-    `path`, or a copy (fsync, rename) where the file system has no hard links. The two names may
-    share a file because every checkpoint write here replaces its file by rename, never in place."""
+    `path`, or a copy written as save_checkpoint writes where the file system has no hard links.
+    The two names may share a file because every checkpoint write here replaces its file by rename,
+    never in place."""
     source, path = Path(source), Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.link"
     try:
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            with source.open("rb") as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
+        os.link(source, tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(write_failure(path, e)) from None
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise CheckpointError(write_failure(path, e)) from None
+        with source.open("rb") as src:
+            _atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
     return path
 
 
