@@ -212,3 +212,74 @@ def test_a_built_checkpoint_owns_its_tensors(tmp_path):
     assert not torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], before["momentum_buffer"])
     assert torch.equal(ckpt["optimizer"]["state"][0]["momentum_buffer"], before["momentum_buffer"])
     assert torch.equal(ckpt["model"]["weight"], weight) and not torch.equal(model.weight.detach(), weight)
+
+
+def _same(a, b):
+    """Equal trees: the same containers and keys, tensors equal in dtype, shape and value."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_packed_trees_come_back_exactly():
+    """Every dtype, rank and container; empty, scalar and non-contiguous tensors; None and int keys."""
+    from trainer.checkpoint import pack_tensors, unpack_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tree = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(4, 3, generator=g)},
+                      5: {"momentum_buffer": None, "flag": torch.tensor([True, False])}},
+            "param_groups": [{"lr": 0.01, "params": [0, 5], "betas": (0.9, 0.999)}],
+            "half": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+            "count": torch.tensor(3, dtype=torch.int64), "empty": torch.zeros(0, 5),
+            "strided": torch.arange(12.0).view(3, 4).t(), "tuple": (torch.ones(1), "x", None)}
+    packed = pack_tensors(tree)
+    assert len(packed["data"]) == 4  # float32, bool, bfloat16, int64: one flat tensor each
+    back = unpack_tensors(packed)
+    assert _same(tree, back)
+    assert back["strided"].is_contiguous()
+    assert _same(unpack_tensors(pack_tensors({})), {}) and _same(unpack_tensors(pack_tensors(torch.ones(2))), torch.ones(2))
+
+
+def test_resume_state_is_packed_on_disk_and_plain_when_loaded(tmp_path):
+    """raw_model and optimizer travel packed, the EMA `model` stays a plain state dict for torch.load
+    users, and load_checkpoint hands back what build_checkpoint made."""
+    from trainer.state import TrainState, build_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    ckpt = build_checkpoint(ema_model=model, raw_model=model, ema_updates=3, optimizer=optimizer, scaler=None,
+                            state=TrainState(maps=torch.zeros(2).numpy()), hyp={}, opt={}, spec={"name": "x"},
+                            names=["a", "b"])
+    path = save_checkpoint(ckpt, tmp_path / "last.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["raw_model"]["format"] == raw["optimizer"]["format"] == "kfyolo-packed-tensors-v1"
+    assert set(raw["model"]) == set(model.state_dict()) and torch.is_tensor(raw["model"]["0.weight"])
+    loaded = load_checkpoint(path)
+    for key in ("model", "raw_model", "optimizer"):
+        assert _same(ckpt[key], loaded[key]), key
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.01)
+    fresh.load_state_dict(loaded["optimizer"])  # restores as the trainer does
+    assert _same(fresh.state_dict(), optimizer.state_dict())
+
+
+def test_unpacked_checkpoints_of_earlier_versions_still_load(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({**_ckpt(), "raw_model": {"w": torch.ones(3)}, "optimizer": {"state": {}, "param_groups": []}}, path)
+    ck = load_checkpoint(path)
+    assert torch.equal(ck["raw_model"]["w"], torch.ones(3)) and ck["optimizer"] == {"state": {}, "param_groups": []}
+
+
+def test_a_packed_index_that_does_not_add_up_names_the_file(tmp_path):
+    from trainer.checkpoint import pack_tensors
+
+    bad = {**_ckpt(), "raw_model": pack_tensors({"w": torch.ones(3), "b": torch.ones(2)})}
+    bad["raw_model"]["shape"] = torch.tensor([3, 3])  # 6 values claimed, 5 stored
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad.pt: raw_model: packed tensors do not match their index"):
+        load_checkpoint(tmp_path / "bad.pt")

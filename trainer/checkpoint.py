@@ -2,11 +2,18 @@
 
 A checkpoint holds the EMA model (what `best.pt` users want), the raw model, optimizer and scaler
 state, the run's hyp/opt, model spec and class names, epoch, best fitness, maps and RNG states.
+
+On disk, the resume-only parts (`raw_model`, `optimizer`) are packed: their tensors travel as one
+flat tensor per dtype plus an index (pack_tensors), since torch.save pays about 50 us of Python per
+tensor and yolov5n's optimizer and raw weights hold some 900 of them. load_checkpoint unpacks them,
+so callers see the plain state dicts build_checkpoint made. `model`, the EMA weights, stays a plain
+state dict in the file for anyone reading it with torch.load alone.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import re
@@ -24,12 +31,92 @@ class CheckpointError(RuntimeError):
 
 
 REQUIRED_KEYS = ("model", "spec", "names")
+PACKED_FORMAT = "kfyolo-packed-tensors-v1"
+PACKED_KEYS = ("raw_model", "optimizer")  # resume-only state, packed on disk
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename: a crash leaves either the
-    old file or the new one, never half of one."""
-    return _atomic_write(path, lambda f: torch.save(ckpt, f))
+    old file or the new one, never half of one. The resume-only parts are packed (see the module)."""
+    on_disk = dict(ckpt)
+    for key in PACKED_KEYS:
+        if on_disk.get(key) is not None:
+            on_disk[key] = pack_tensors(on_disk[key])
+    return _atomic_write(path, lambda f: torch.save(on_disk, f))
+
+
+Place = tuple  # a place in a tree of dicts, lists and tuples: the keys and indices from its root
+
+
+def pack_tensors(tree: Any) -> dict[str, Any]:
+    """`tree` (dicts, lists, tuples, tensors and primitives) as a record that torch.save writes with a
+    handful of tensors: the tree with each tensor replaced by None, each tensor's place in it, and
+    the tensors' values concatenated per dtype, with their group, rank and shape as int64 tensors.
+    Tensors come back as contiguous CPU tensors (views of their group's flat tensor)."""
+    places: list[Place] = []
+    tensors: list[torch.Tensor] = []
+    skeleton = _without_tensors(tree, (), places, tensors)
+    dtypes: list[torch.dtype] = []
+    members: dict[torch.dtype, list[torch.Tensor]] = {}
+    group = []
+    for t in tensors:
+        if t.dtype not in members:
+            dtypes.append(t.dtype)
+            members[t.dtype] = []
+        members[t.dtype].append(t.detach().reshape(-1).cpu())
+        group.append(dtypes.index(t.dtype))
+    return {"format": PACKED_FORMAT, "tree": skeleton, "places": places,
+            "group": torch.tensor(group, dtype=torch.int64),
+            "ndim": torch.tensor([t.dim() for t in tensors], dtype=torch.int64),
+            "shape": torch.tensor([d for t in tensors for d in t.shape], dtype=torch.int64),
+            "data": [torch.cat(members[d]) for d in dtypes]}
+
+
+def _without_tensors(node: Any, place: Place, places: list[Place], tensors: list[torch.Tensor]) -> Any:
+    if isinstance(node, torch.Tensor):
+        places.append(place)
+        tensors.append(node)
+        return None
+    if isinstance(node, dict):
+        return {k: _without_tensors(v, place + (k,), places, tensors) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_without_tensors(v, place + (i,), places, tensors) for i, v in enumerate(node))
+    return node
+
+
+def is_packed(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("format") == PACKED_FORMAT
+
+
+def unpack_tensors(record: dict[str, Any]) -> Any:
+    """The tree pack_tensors packed. A record whose index does not add up raises CheckpointError."""
+    try:
+        group, ndim, dims = (record[k].tolist() for k in ("group", "ndim", "shape"))
+        places, data = list(record["places"]), list(record["data"])
+        if not (len(group) == len(ndim) == len(places) and sum(ndim) == len(dims)):
+            raise ValueError("index lengths differ")
+        shapes, at = [], 0
+        for n in ndim:
+            shapes.append(dims[at:at + n])
+            at += n
+        sizes: list[list[int]] = [[] for _ in data]
+        for g, shape in zip(group, shapes):
+            sizes[g].append(math.prod(shape))
+        pieces = [iter(torch.split(flat, s)) if s else iter(()) for flat, s in zip(data, sizes)]
+        by_place = {tuple(p): next(pieces[g]).view(shape) for p, g, shape in zip(places, group, shapes)}
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, StopIteration) as e:
+        raise CheckpointError(f"packed tensors do not match their index ({type(e).__name__}: {e})") from None
+    return _with_tensors(record["tree"], (), by_place)
+
+
+def _with_tensors(node: Any, place: Place, by_place: dict[Place, torch.Tensor]) -> Any:
+    if place in by_place:
+        return by_place[place]
+    if isinstance(node, dict):
+        return {k: _with_tensors(v, place + (k,), by_place) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_with_tensors(v, place + (i,), by_place) for i, v in enumerate(node))
+    return node
 
 
 def _atomic_write(path: str | Path, fill: Callable[[BinaryIO], Any]) -> Path:
@@ -171,4 +258,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a kfyolo checkpoint (needs keys {list(REQUIRED_KEYS)})")
+    for key in PACKED_KEYS:
+        if is_packed(ckpt.get(key)):
+            try:
+                ckpt[key] = unpack_tensors(ckpt[key])
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {key}: {e}") from None
     return ckpt
