@@ -56,6 +56,39 @@ def test_official_weights_on_coco128_match_pycocotools_on_the_saved_json(shared,
         assert (out / f).stat().st_size > 1000, f
 
 
+def test_batch_pictures_are_drawn_beside_the_loop_and_a_failed_one_is_a_warning(synthetic_yaml, tiny_checkpoint,
+                                                                               tmp_path, monkeypatch, capsys):
+    """The pictures of the first batches come from the plot thread, each batch's pair in full; a
+    picture that raises leaves a warning and every metric file written."""
+    import threading
+
+    import trainer.plots as plots
+
+    real, drawn_on = plots.plot_images, set()
+
+    def spy(*args, **kwargs):
+        drawn_on.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_images", spy)
+    args = ["--data", str(synthetic_yaml), "--weights", str(tiny_checkpoint), "--imgsz", "64", "--batch-size", "2",
+            "--device", "cpu", "--project", str(tmp_path)]
+    assert evaluate_main([*args, "--name", "ok"]) == 0
+    assert drawn_on and all(name.startswith("plots") for name in drawn_on)
+    assert sorted(f.name for f in (tmp_path / "ok").glob("val_batch*")) == [
+        f"val_batch{i}_{kind}.jpg" for i in range(3) for kind in ("labels", "pred")]
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plots, "plot_images", broken)
+    capsys.readouterr()
+    assert evaluate_main([*args, "--name", "broken"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("a validation batch picture failed: OSError: disk full") == 3
+    assert (tmp_path / "broken" / "metrics.json").is_file() and (tmp_path / "broken" / "maps.json").is_file()
+
+
 def test_evaluate_a_kfyolo_checkpoint_on_synthetic_data(synthetic_yaml, tiny_checkpoint, tmp_path, capsys):
     assert evaluate_main(["--data", str(synthetic_yaml), "--weights", str(tiny_checkpoint), "--imgsz", "64",
                           "--device", "cpu", "--save-json", "--project", str(tmp_path), "--name", "syn"]) == 0

@@ -143,6 +143,30 @@ def test_summarise_gflops(yolov5n: YoloModel) -> None:
     assert "GFLOPs" in str(s)
 
 
+@pytest.mark.parametrize("name", ["yolov5n", "yolov5s"])
+def test_conv_flops_equal_torch_flop_counter_and_leave_the_model_as_it_was(name: str) -> None:
+    """The hook count equals torch's FlopCounterMode on the same probe; the live model (in train
+    mode, with one frozen BatchNorm in eval mode) keeps its modes and its BatchNorm statistics."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.models.yolo import _convolutions_only, _counted_flops, conv_flops
+
+    model = build_model(name, nc=7).train()
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()
+    before = copy.deepcopy(model.state_dict())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        copy.deepcopy(model).eval()(torch.zeros(1, 3, 64, 64))
+    assert _convolutions_only(model)
+    assert conv_flops(model, 64) == counter.get_total_flops() == _counted_flops(model, 64) > 0
+    assert model.training and not frozen.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.model.append(torch.nn.Linear(4, 4))  # a layer the hooks do not count: the counter decides
+    assert not _convolutions_only(model)
+
+
 @pytest.mark.skipif(not (WEIGHTS.is_file() and COCO128.is_dir()), reason="shared weights or coco128 absent")
 def test_official_weights_detect_bowls_and_broccoli() -> None:
     torch.set_num_threads(2)

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,18 +71,39 @@ class EvalOptions:
 
 
 class BatchPlotter:
-    """The first batches as labelled and predicted pictures."""
+    """The first batches as labelled and predicted pictures, drawn on a thread beside the loop
+    (OpenCV drawing releases the GIL), so the loop's time is the model's. close() waits for them;
+    a picture that fails is a warning, never the end of an evaluation."""
 
     def __init__(self, out: Path, names: Sequence[str]):
         self.out, self.names = out, list(names)
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: list[Future] = []
 
     def __call__(self, bi: int, imgs: torch.Tensor, targets: torch.Tensor, dets: list[torch.Tensor],
                  paths: Sequence[str], shapes: Sequence[Any]) -> None:
         if bi >= PLOTTED_BATCHES:
             return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
+        self._jobs.append(self._pool.submit(self._draw, bi, imgs, targets, dets, list(paths)))
+
+    def _draw(self, bi: int, imgs: torch.Tensor, targets: torch.Tensor, dets: list[torch.Tensor],
+              paths: list[str]) -> None:
         plots.plot_images(imgs, targets, paths, self.names, self.out / f"val_batch{bi}_labels.jpg")
         preds = plots.detections_as_targets(dets, tuple(imgs.shape[2:]))
         plots.plot_images(imgs, preds, paths, self.names, self.out / f"val_batch{bi}_pred.jpg")
+
+    def close(self) -> None:
+        for job in self._jobs:
+            try:
+                job.result()
+            except Exception as e:
+                log.warning("a validation batch picture failed: %s: %s", type(e).__name__, e)
+        self._jobs = []
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _fanout(*hooks):
@@ -123,10 +145,15 @@ def evaluate(opt: EvalOptions) -> dict[str, Any]:
     on_image = _fanout(lambda path, p, g, hw: confusion.update(p, g), *([exporter] if opt.save_json else []))
     started = time.perf_counter()
     model = model.to(device, memory_format=memory_format(opt.memory_format))
-    metrics = run_validation(model, loader, device, names, resolve_precision(opt.amp, device),
-                             conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, max_det=opt.max_det,
-                             on_batch=BatchPlotter(out, names) if opt.plots else None, on_image=on_image)
-    seconds = time.perf_counter() - started
+    plotter = BatchPlotter(out, names) if opt.plots else None
+    try:
+        metrics = run_validation(model, loader, device, names, resolve_precision(opt.amp, device),
+                                 conf_thres=opt.conf_thres, iou_thres=opt.iou_thres, max_det=opt.max_det,
+                                 on_batch=plotter, on_image=on_image)
+        seconds = time.perf_counter() - started
+    finally:
+        if plotter is not None:
+            plotter.close()
     record = metrics_record(metrics, names, opt, source.origin, seconds)
     (out / "metrics.json").write_text(json.dumps(record, indent=1))
     (out / "maps.json").write_text(json.dumps({"names": names, "maps": record["maps"]}, indent=1))

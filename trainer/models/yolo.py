@@ -300,15 +300,60 @@ class ModelSummary:
 def summarise(model: YoloModel, imgsz: int = 640) -> ModelSummary:
     """Parameter counts and GFLOPs. FLOPs are counted on a small probe and scaled by area,
     which is exact for convolutions as long as every level's map size divides evenly."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     params = sum(p.numel() for p in model.parameters())
     grads = sum(p.numel() for p in model.parameters() if p.requires_grad)
     probe = int(model.stride.max().item()) * 2
+    flops = conv_flops(model, probe) if _convolutions_only(model) else _counted_flops(model, probe)
+    layers = sum(1 for _ in model.modules())
+    return ModelSummary(layers, params, grads, flops / 1e9 * (imgsz / probe) ** 2)
+
+
+# Modules that add no FLOPs of their own beyond what torch's FlopCounterMode counts for nn.Conv2d.
+_NO_FLOPS = (nn.BatchNorm2d, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Identity, nn.MaxPool2d, nn.Upsample,
+             nn.Sequential, nn.ModuleList, Conv, C3, SPPF, Bottleneck, Concat, Detect)
+
+
+def _convolutions_only(model: nn.Module) -> bool:
+    return all(isinstance(m, (nn.Conv2d, *_NO_FLOPS)) for m in model.modules() if m is not model)
+
+
+def _probe(model: nn.Module, size: int) -> torch.Tensor:
+    """A zero image for `model`, on its device and in its dtype."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    w = first.weight
+    return torch.zeros(1, first.in_channels, size, size, device=w.device, dtype=w.dtype)
+
+
+def conv_flops(model: nn.Module, size: int) -> int:
+    """FLOPs of one size x size image through `model`'s 2-D convolutions, counted as FlopCounterMode
+    counts them (2 per multiply-add, bias not counted), from hooks on the live model: eval mode
+    for the pass (no BatchNorm statistic moves), each module's own mode restored after, no copy."""
+    total = 0
+
+    def count(m: nn.Conv2d, _inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        total += 2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    modes = [(m, m.training) for m in model.modules()]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(_probe(model, size))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return total
+
+
+def _counted_flops(model: nn.Module, size: int) -> int:
+    """torch's FlopCounterMode on a copy, for models with layers other than convolutions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     m = copy.deepcopy(model).eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        m(torch.zeros(1, 3, probe, probe))
-    gflops = counter.get_total_flops() / 1e9 * (imgsz / probe) ** 2
-    layers = sum(1 for _ in model.modules())
-    return ModelSummary(layers, params, grads, gflops)
+        m(_probe(m, size))
+    return int(counter.get_total_flops())
