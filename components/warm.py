@@ -45,15 +45,16 @@ from typing import Any, Iterator
 ENV = "KFYOLO_WARM"
 KILL_GRACE_S = 30.0
 # What the jobs use. PRELOAD is imported before the first job starts: a training block needs all of
-# it, and waiting for the server costs no more than importing in the job. LATER (evaluation, export,
-# report) is imported once the first job has started, one module at a time while no other job is
-# waiting, so the first block never waits for it; a job forked before then imports what it needs. A module that fails to
-# import is just not preloaded (the job imports it, or fails, itself). A block's rank 0 imports
-# torch.utils.tensorboard (0.1-0.4 s) and the dataset scan's np.median numpy.ma, on the path every
-# rank waits on; they come first, while the dataset and class-weight steps run.
-PRELOAD = ("torch", "torchvision", "torch.distributed.launcher.api", "trainer.train", "components.launchers.local")
-LATER = ("torch.utils.tensorboard", "numpy.ma", "matplotlib.pyplot", "trainer.plots", "trainer.evaluate",
-         "components.work", "trainer.report", "trainer.predict", "trainer.export", "onnx", "onnxruntime")
+# it, and waiting for the server costs no more than importing in the job (a block's rank 0 imports
+# torch.utils.tensorboard, and the dataset scan's np.median numpy.ma, on the path every rank waits
+# on). LATER (evaluation, export, report) is imported once the first job has started, one module at
+# a time while no other job is waiting, so the first block never waits for it; a job forked before
+# then imports what it needs. A module that fails to import is just not preloaded (the job imports
+# it, or fails, itself).
+PRELOAD = ("torch", "torchvision", "torch.distributed.launcher.api", "trainer.train", "components.launchers.local",
+           "torch.utils.tensorboard", "numpy.ma")
+LATER = ("matplotlib.pyplot", "trainer.plots", "trainer.evaluate", "components.work", "trainer.report",
+         "trainer.predict", "trainer.export", "onnx", "onnxruntime")
 
 
 class WarmUnavailable(RuntimeError):

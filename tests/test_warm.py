@@ -132,6 +132,17 @@ def test_a_warm_block_trains_exactly_as_torchrun_does(server, synthetic_yaml, tm
         assert torch.equal(warm_ck["model"][key], value), key
 
 
+def test_a_block_whose_port_is_taken_starts_its_ranks_on_the_next_one(server):
+    """The static rendezvous binds the agent's store to a port chosen just before: taken in
+    between, the launch fails before any rank starts and the next free port is used."""
+    out = warm.call("tests.warm_targets:ranks_on_a_taken_port", {})
+    assert out["code"] == 0
+    assert out["picked"][0] == out["taken"] and len(out["picked"]) == 2
+    port = str(out["picked"][1])
+    assert [(r["RANK"], r["LOCAL_RANK"], r["WORLD_SIZE"], r["MASTER_PORT"], r["argv"]) for r in out["ranks"]] == [
+        ("0", "0", "2", port, ["--x"]), ("1", "1", "2", port, ["--x"])]
+
+
 def test_a_failing_warm_block_fails_with_the_trainers_error(server, synthetic_yaml, tmp_path):
     from components.launchers import TrainLaunchError, TrainRequest
     from components.launchers.local import run_local

@@ -46,3 +46,42 @@ def wait_for_term(marker: str) -> None:
 
 def loaded(names: list[str]) -> list[bool]:
     return [name in sys.modules for name in names]
+
+
+def _rank_env() -> dict:
+    """What a rank of train_ranks sees (the target replaces the trainer in ranks_on_a_taken_port)."""
+    return {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def ranks_on_a_taken_port() -> dict:
+    """train_ranks when the first port it picks is taken before its agent binds it: the ranks'
+    environment and ports, with the ranks replaced by a function that writes what they see."""
+    import json
+    import socket
+    import tempfile
+
+    from components.launchers import local
+
+    held = socket.socket()
+    held.bind(("localhost", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    ports = iter([taken])
+    picked: list[int] = []
+    real_free_port = local.free_port
+
+    def free_port() -> int:
+        picked.append(next(ports, None) or real_free_port())
+        return picked[-1]
+
+    out = tempfile.mkdtemp()
+
+    def rank(argv: list[str]) -> None:
+        with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump({**_rank_env(), "argv": argv}, f)
+
+    local.free_port, local.train_rank = free_port, rank  # this forked job's own copy of the module
+    code = local.train_ranks(2, ["--x"])
+    ranks = [json.load(open(os.path.join(out, name))) for name in sorted(os.listdir(out))]
+    held.close()
+    return {"code": code, "taken": taken, "picked": picked, "ranks": ranks}

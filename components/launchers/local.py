@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -25,26 +26,47 @@ def torchrun_command(request: TrainRequest) -> list[str]:
             str(request.world_size), "-m", "trainer.train", *request.trainer_args()]
 
 
+PORT_TRIES = 5
+
+
 def train_ranks(nproc: int, trainer_args: list[str]) -> int:
-    """What `torchrun --standalone --nproc_per_node nproc -m trainer.train ARGS` does, run by the
-    same agent (torch.distributed.launcher's elastic_launch: c10d rendezvous on a free local port,
-    RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* per rank, no restarts, every rank stopped when one fails),
-    with the ranks forked from this process instead of started as new interpreters. The exit
+    """What `torchrun --nnodes 1 --nproc_per_node nproc --master-port PORT -m trainer.train ARGS`
+    does, run by the same agent (torch.distributed.launcher's elastic_launch: static rendezvous, as
+    torchrun has it for one node, on a free local port; RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* per rank,
+    no restarts, every rank stopped when one fails), with the ranks forked from this process instead
+    of started as new interpreters. The static rendezvous starts the ranks in about 15 ms, where
+    `--standalone`'s c10d one takes 120-190 ms (nothing here is elastic). A port taken between
+    choosing and binding it fails before any rank starts, and the next free port is tried. The exit
     status: 0, or 1 after the agent's failure report."""
+    import torch.distributed as dist
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun; the trainer sets its threads itself
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.02, start_method="fork")
-    try:
-        elastic_launch(config, train_rank)(list(trainer_args))
-    except ChildFailedError as e:
-        print(e.format_msg(), file=sys.stderr, flush=True)
-        return 1
-    return 0
+    attempt = 0
+    while True:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                              rdzv_backend="static", rdzv_endpoint=f"localhost:{free_port()}",
+                              rdzv_configs={"rank": 0}, max_restarts=0, monitor_interval=0.02, start_method="fork")
+        try:
+            elastic_launch(config, train_rank)(list(trainer_args))
+        except ChildFailedError as e:
+            print(e.format_msg(), file=sys.stderr, flush=True)
+            return 1
+        except dist.DistNetworkError as e:  # the agent's store could not listen: no rank has started
+            attempt += 1
+            if "EADDRINUSE" in str(e) and attempt < PORT_TRIES:
+                continue
+            raise
+        return 0
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def train_rank(argv: list[str]) -> None:
