@@ -81,7 +81,9 @@ def ranks_on_a_taken_port() -> dict:
             json.dump({**_rank_env(), "argv": argv}, f)
 
     local.free_port, local.train_rank = free_port, rank  # this forked job's own copy of the module
-    code = local.train_ranks(2, ["--x"])
+    try:
+        code = local.train_ranks(2, ["--x"])
+    finally:
+        held.close()
     ranks = [json.load(open(os.path.join(out, name))) for name in sorted(os.listdir(out))]
-    held.close()
     return {"code": code, "taken": taken, "picked": picked, "ranks": ranks}

@@ -56,20 +56,15 @@ def pack_tensors(tree: Any) -> dict[str, Any]:
     places: list[Place] = []
     tensors: list[torch.Tensor] = []
     skeleton = _without_tensors(tree, (), places, tensors)
-    dtypes: list[torch.dtype] = []
-    members: dict[torch.dtype, list[torch.Tensor]] = {}
-    group = []
+    members: dict[torch.dtype, list[torch.Tensor]] = {}  # in order of first appearance: the groups
     for t in tensors:
-        if t.dtype not in members:
-            dtypes.append(t.dtype)
-            members[t.dtype] = []
-        members[t.dtype].append(t.detach().reshape(-1).cpu())
-        group.append(dtypes.index(t.dtype))
+        members.setdefault(t.dtype, []).append(t.detach().reshape(-1).cpu())
+    group = {dtype: g for g, dtype in enumerate(members)}
     return {"format": PACKED_FORMAT, "tree": skeleton, "places": places,
-            "group": torch.tensor(group, dtype=torch.int64),
+            "group": torch.tensor([group[t.dtype] for t in tensors], dtype=torch.int64),
             "ndim": torch.tensor([t.dim() for t in tensors], dtype=torch.int64),
             "shape": torch.tensor([d for t in tensors for d in t.shape], dtype=torch.int64),
-            "data": [torch.cat(members[d]) for d in dtypes]}
+            "data": [torch.cat(flat) for flat in members.values()]}
 
 
 def _without_tensors(node: Any, place: Place, places: list[Place], tensors: list[torch.Tensor]) -> Any:
