@@ -8,6 +8,10 @@ entry points. Both codebases run on COCO128 at equal settings, alternating A B A
 - eval: the official yolov5n.pt on the 128 held-out val2017 images at 320, 480 and 640
   (conf 0.001, IoU 0.6, batch 32, rect batches). Both write COCO detections and pycocotools scores
   both against one ground-truth file, so AP differences are the detectors', not the scorers'.
+  The two map boxes back to the original image differently (YOLOv5 subtracts half the total
+  letterbox padding, half a pixel off when the total is odd; kfyolo the padding it applied), so
+  each AP row is followed by both detectors on one mapping: kfyolo's boxes mapped YOLOv5's way,
+  and ultralytics' boxes mapped kfyolo's way.
 - train: yolov5n fine-tuned from yolov5n.pt on COCO128 (hyp.scratch-low, --linear-lr,
   --noautoanchor, batch 16, workers 2), img/s over epochs 1.. (epoch 0 warms caches); then each
   run's last.pt is evaluated by its own codebase at the training size and scored as above.
@@ -158,6 +162,20 @@ def remap_yolov5_way(dets: list[dict], params: dict[int, tuple[float, ...]]) -> 
     return out
 
 
+def remap_exact_way(dets: list[dict], params: dict[int, tuple[float, ...]]) -> list[dict]:
+    """ultralytics' COCO detections mapped back the exact way, kfyolo's: the inverse of
+    remap_yolov5_way. Scoring ultralytics' boxes this way puts both detectors on kfyolo's mapping,
+    as remap_yolov5_way puts both on YOLOv5's."""
+    out = []
+    for d in dets:
+        rh, rw, padw, padh, dw2, dh2 = params[d["image_id"]]
+        x, y, w, h = d["bbox"]
+        xs = [(v * rh + dw2 - padw) / rw for v in (x, x + w)]  # back to the network input as YOLOv5 left it
+        ys = [(v * rh + dh2 - padh) / rh for v in (y, y + h)]
+        out.append({**d, "bbox": [xs[0], ys[0], xs[1] - xs[0], ys[1] - ys[0]]})
+    return out
+
+
 def score(gt: Path, predictions: Path) -> dict:
     """pycocotools AP and AP50 of a COCO results file against the shared ground truth."""
     import contextlib
@@ -271,7 +289,13 @@ class Bench:
         folder = self.out / "yolov5-val" / name
         res, cpu = self.yolov5("val", name, "--weights", str(weights), "--imgsz", str(imgsz), "--batch-size", "32",
                                "--out", str(folder))
-        return {**cpu, "loop_s": res["seconds"], **score(self.gt, Path(res["predictions"]))}
+        if imgsz not in self.letterbox:
+            self.letterbox[imgsz] = letterbox_params(self.data, imgsz)
+        remapped = folder / "predictions-exact-mapping.json"
+        remapped.write_text(json.dumps(remap_exact_way(json.loads(Path(res["predictions"]).read_text()),
+                                                       self.letterbox[imgsz])))
+        return {**cpu, "loop_s": res["seconds"], **score(self.gt, Path(res["predictions"])),
+                "ap_exact_mapping": score(self.gt, remapped)["ap"]}
 
     def yolov5_train(self, seed: int, name: str) -> dict:
         folder = self.out / "yolov5-train" / name
@@ -353,6 +377,10 @@ def markdown(results: dict) -> str:
         if all("ap_yolov5_mapping" in r for r in train["kfyolo"]):
             add("the same, kfyolo's boxes mapped back YOLOv5's way", _mean([r["ap"] for r in train["ultralytics"]]),
                 _mean([r["ap_yolov5_mapping"] for r in train["kfyolo"]]), True, "{:.4f}")
+        if all("ap_exact_mapping" in r for r in train["ultralytics"]):
+            add("the same, ultralytics' boxes mapped back kfyolo's (exact) way",
+                _mean([r["ap_exact_mapping"] for r in train["ultralytics"]]), _mean([r["ap"] for r in train["kfyolo"]]),
+                True, "{:.4f}")
     for size, runs in (results.get("eval") or {}).items():
         if runs["kfyolo"] and runs["ultralytics"]:
             add(f"val img/s at {size} (loop and metrics, 128 images)",
@@ -362,6 +390,9 @@ def markdown(results: dict) -> str:
             if "ap_yolov5_mapping" in runs["kfyolo"][0]:
                 add("the same, kfyolo's boxes mapped back YOLOv5's way", runs["ultralytics"][0]["ap"],
                     runs["kfyolo"][0]["ap_yolov5_mapping"], True, "{:.4f}")
+            if "ap_exact_mapping" in runs["ultralytics"][0]:
+                add("the same, ultralytics' boxes mapped back kfyolo's (exact) way", runs["ultralytics"][0]["ap_exact_mapping"],
+                    runs["kfyolo"][0]["ap"], True, "{:.4f}")
     loader = results.get("loader") or {}
     if loader.get("kfyolo") and loader.get("ultralytics"):
         ls = {**s, **loader.get("settings", {})}
