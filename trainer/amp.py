@@ -3,8 +3,8 @@
 CUDA: fp16 autocast with GradScaler (fp16's narrow range needs loss scaling).
 CPU: fp32 by default. `--amp bf16` autocasts the convolutions to bf16 where the CPU has native
 bf16 (AMX / AVX512-BF16); bf16 keeps fp32's exponent range, so no scaler is needed. BatchNorm and
-the activation after it stay in fp32 (trainer/models/blocks.py: Conv): their statistics and weight
-gradients are sums over B*H*W values that bf16 rounds away. Measured at 320 px, batch 16, 2 AMX
+the activation after it stay in fp32 (trainer/models/blocks.py: Conv, which says what feeding BN
+bf16 measured). Measured at 320 px, batch 16, 2 AMX
 cores (bench/bench_train_step.py): from the official yolov5n weights the bf16 gradient's cosine to
 fp64's is 0.993, while the exact gradients of two different batches have a cosine of 0.49, so the
 rounding is far below SGD's own noise; a 3-epoch COCO128 fine-tune scores the same AP in bf16 and
