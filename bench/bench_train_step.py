@@ -10,8 +10,8 @@ next to the cosine between the fp64 gradients of two different batches (SGD's ow
     python bench/bench_train_step.py --weights ../shared/weights/yolov5n.pt   # from the official weights
 
 Variants: fp32; bf16 (autocast; kfyolo keeps BatchNorm and the activations after it in fp32, see
-trainer/amp.py); `+cl` runs the model and the input channels_last; `+compile` wraps the model in
-torch.compile (inductor) and reports the compile time. Time it alone.
+trainer/amp.py); `+cl` runs the model and the input channels_last; `+compile` compiles the model
+as `--compile` does (torch.compile, inductor, in place) and reports the compile time. Time it alone.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import compiled
 from trainer.amp import Precision
 from trainer.config import Hyp
 from trainer.data.config import load_data_config
@@ -84,7 +85,7 @@ def main() -> int:
             x = imgs.contiguous(memory_format=torch.channels_last)
         if variant.endswith("+compile"):
             t0 = time.perf_counter()
-            model = torch.compile(model)
+            compiled.compile_in_place(model, "inductor")  # what --compile does
             gradient(model, loss_fn, x, targets, precision.autocast())
             print(f"{variant}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         cos = float(torch.nn.functional.cosine_similarity(ref, gradient(model, loss_fn, x, targets,

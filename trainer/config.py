@@ -191,6 +191,7 @@ class TrainOptions:
     dist_timeout: float = 1800.0  # seconds a collective (or joining the group) may wait for a peer
     grace_period: float = 25.0    # seconds from SIGTERM/SIGINT to a saved, resumable exit (pods get 30)
     results_plot: str = "always"  # results.png when this run ends (always) or only when the schedule does (end)
+    compile: str = ""             # torch.compile backend for the training model (inductor, aot_eager, ...); "" = eager
 
     def __post_init__(self) -> None:
         checks = [

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from trainer import distributed
+from trainer import compiled, distributed
 from trainer.amp import Precision
 from trainer.ema import ModelEMA
 from trainer.optim import BIAS_GROUP, set_momentum
@@ -111,7 +111,7 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, optimizer: torch.
         step_now = ni - counter.last_opt_step >= counter.accumulate
         with distributed.no_sync(model, skip_sync=not step_now):
             with precision.autocast():
-                preds = model(imgs)
+                preds = compiled.forward(model, imgs)  # model(imgs); eager again if the compiled call fails
             loss, parts = loss_fn(preds, targets.to(device))
             # Every rank learns at once when any rank's loss is not finite (one small all-reduce
             # under DDP), so they all stop together instead of the others waiting out the timeout.

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer import distributed
+from trainer import compiled
 from trainer.amp import Precision, resolve_precision
 from trainer.checkpoint import CheckpointWriter, save_checkpoint
 from trainer.config import ConfigError, Hyp, TrainOptions, load_hyp, save_yaml
@@ -275,6 +276,11 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
           resume: dict[str, Any] | None = None) -> Run:
     """Build the run folder, data, model, optimizer and loss; restore state when resuming."""
     hyp = load_hyp(opt.hyp, dict(opt.hyp_overrides))
+    if opt.compile:  # a bad backend name fails before anything is written
+        try:
+            compiled.check_backend(opt.compile)
+        except compiled.CompileError as e:
+            raise ConfigError(str(e)) from None
     if opt.sync_bn and ctx.distributed and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU implementation")
     if opt.batch_size % ctx.world_size:
@@ -329,6 +335,8 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
     if resume is not None:
         state = restore_state(resume, model, ema, optimizer, scaler)
     state.maps = initial_maps(opt.maps, names, state.maps)
+    if opt.compile:  # after the EMA and validation copies, which stay eager; DDP wraps the compiled module
+        compiled.compile_in_place(model, opt.compile)
     if ctx.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -339,7 +347,8 @@ def setup(opt: TrainOptions, ctx: distributed.DistContext, device: torch.device,
              if state.accumulate == nominal else  # a resume inside the warm-up
              f"{opt.batch_size * state.accumulate} images/step now, in the warm-up (batch {opt.batch_size} x "
              f"accumulate {state.accumulate}, rising to {nominal})")
-    logger.info("precision %s on %s; %s; %d dataloader workers per rank", precision.name, device, steps,
+    logger.info("precision %s on %s%s; %s; %d dataloader workers per rank", precision.name, device,
+                f", compiled ({opt.compile}; the first steps compile)" if opt.compile else "", steps,
                 train_loader.num_workers)
     class_weights = run_class_weights(opt.class_weights, train_set.labels, len(names), names)
     sampler = ImageSampler(opt.sampler_config(), LabelStats(train_set.labels, len(names)), class_weights)

@@ -45,7 +45,8 @@ log = logging.getLogger("trainer")
 
 # Options a resumed run may change; anything else must match the checkpoint.
 RESUME_MUTABLE = {"device", "workers", "stop_epoch", "noval", "patience", "resume", "exist_ok", "maps", "dist_timeout",
-                  "class_weights", "val_every", "memory_format", "cache", "grace_period", "results_plot"}
+                  "class_weights", "val_every", "memory_format", "cache", "grace_period", "results_plot",
+                  "compile"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision (default auto: fp16 + GradScaler on CUDA, fp32 on CPU; bf16 is opt-in on CPU)")
     a("--memory-format", choices=["channels_last", "contiguous"],
       help="the model's and the batches' memory layout (default channels_last: NHWC, faster on CPU and tensor cores)")
+    a("--compile", nargs="?", const="inductor", metavar="BACKEND",
+      help="compile the training model with torch.compile (default backend inductor; aot_eager and the others "
+      "torch lists also work); a compile failure warns and training goes on eagerly. Off by default: on 2 CPU "
+      "cores inductor compiled yolov5n in 100-130 s and then ran the bf16 step 8%% faster and the fp32 step no "
+      "faster, which pays back only on long runs")
     a("--noval", action="store_const", const=True, help="validate only after the final epoch (--val-every 0)")
     a("--val-every", type=int, metavar="N",
       help="validate every N epochs (and after the last), refreshing the maps that drive the sampler (default 1)")
