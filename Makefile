@@ -103,6 +103,9 @@ bench-ddp: venv ## bench: training images/s at world size 1 and 2 with the same 
 bench-cocoeval: venv ## bench: kfyolo COCO evaluation vs pycocotools on 5,000 images
 	$(PY) bench/bench_cocoeval.py
 
+bench-gpu: venv ## bench: CUDA AMP + channels_last (+ compile) training, DDP/NCCL and val img/s (needs a GPU and ../shared)
+	$(PY) bench/bench_gpu.py
+
 bench-step: venv ## bench: the training step alone, fp32/bf16 x NCHW/channels_last, with gradient agreement
 	$(PY) bench/bench_train_step.py
 
@@ -136,4 +139,4 @@ tensorboard: venv-run ## serve TensorBoard over the runs folder (RUNS) on PORT, 
 clean: ## remove generated data and runs (keeps .venv)
 	rm -rf data/synthetic $(RUNS) .pytest_cache
 
-.PHONY: help venv venv-run test synthetic demo compile train bench-train bench-ddp bench-cocoeval bench-step bench-predict bench-yolov5 study study-quick image lint-k8s tensorboard clean
+.PHONY: help venv venv-run test synthetic demo compile train bench-train bench-ddp bench-cocoeval bench-step bench-gpu bench-predict bench-yolov5 study study-quick image lint-k8s tensorboard clean
