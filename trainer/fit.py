@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from trainer import distributed
-from trainer import compiled
+from trainer import compiled, distributed
 from trainer.amp import Precision, resolve_precision
 from trainer.checkpoint import CheckpointWriter, save_checkpoint
 from trainer.config import ConfigError, Hyp, TrainOptions, load_hyp, save_yaml
