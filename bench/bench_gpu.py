@@ -20,26 +20,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bench_vs_yolov5 import run_timed  # bench/ is the script's folder, on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "datasets" / "coco128" / "coco128.yaml"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
-
-
-def run(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode:
-        tail = log.read_text()[-3000:]
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{tail}\n  see {log}")
-    return time.perf_counter() - start
 
 
 def train_ips(folder: Path, images: int) -> float:
@@ -68,15 +57,14 @@ class Bench:
                "--batch-size", str(self.batch * ranks), "--epochs", str(self.epochs), "--noval", "--cache", "ram",
                "--amp", self.amp, "--memory-format", "channels_last", "--workers", str(self.args.workers),
                "--project", str(folder.parent), "--name", name, "--exist-ok", *extra]
-        env = dict(os.environ)
         if ranks > 1:
             cmd = ["-m", "trainer.torchrun", "--standalone", "--nproc_per_node", str(ranks), *cmd]
             cmd += ["--device", "cpu" if self.args.dry_run_cpu else ""]  # each rank takes its local GPU
         else:
             cmd += ["--device", self.device]
         (folder / "results.csv").unlink(missing_ok=True)  # results.csv appends
-        wall = run([sys.executable, *cmd], self.out / f"train-{name}.log", env)
-        return {"img_s": train_ips(folder, self.images), "wall_s": wall, "ranks": ranks}
+        _, cpu = run_timed([sys.executable, *cmd], self.out / f"train-{name}.log")
+        return {"img_s": train_ips(folder, self.images), "wall_s": cpu["wall_s"], "ranks": ranks}
 
     def val(self) -> dict:
         folder = self.out / "val"
@@ -84,7 +72,7 @@ class Bench:
                "--imgsz", str(self.imgsz), "--batch-size", str(self.args.val_batch_size), "--device", self.device,
                "--amp", self.amp, "--no-plots", "--workers", str(self.args.workers), "--project", str(folder.parent),
                "--name", folder.name, "--exist-ok"]
-        run(cmd, self.out / "val.log")
+        run_timed(cmd, self.out / "val.log")
         metrics = json.loads((folder / "metrics.json").read_text())
         return {"img_s": self.images / metrics["seconds"], "map50": metrics["map50"], "map": metrics["map"]}
 

@@ -227,13 +227,17 @@ class Bench:
         if self.gt is None:
             self.gt = folder / "gt.json"
         # kfyolo goes first in every A B pair, so its ground truth is the one both are scored against
+        predictions = folder / "predictions.json"
+        return {**cpu, "loop_s": metrics["seconds"], **score(self.gt, predictions),
+                "ap_yolov5_mapping": self.rescore(predictions, remap_yolov5_way, imgsz, "yolov5")}
+
+    def rescore(self, predictions: Path, remap, imgsz: int, mapping: str) -> float:
+        """AP of `predictions` mapped back to the original images by `remap` (saved beside them)."""
         if imgsz not in self.letterbox:
             self.letterbox[imgsz] = letterbox_params(self.data, imgsz)
-        remapped = folder / "predictions-yolov5-mapping.json"
-        remapped.write_text(json.dumps(remap_yolov5_way(json.loads((folder / "predictions.json").read_text()),
-                                                        self.letterbox[imgsz])))
-        return {**cpu, "loop_s": metrics["seconds"], **score(self.gt, folder / "predictions.json"),
-                "ap_yolov5_mapping": score(self.gt, remapped)["ap"]}
+        remapped = predictions.with_name(f"predictions-{mapping}-mapping.json")
+        remapped.write_text(json.dumps(remap(json.loads(predictions.read_text()), self.letterbox[imgsz])))
+        return score(self.gt, remapped)["ap"]
 
     def kfyolo_train(self, seed: int, name: str) -> dict:
         shutil.rmtree(self.out / "kfyolo-train" / name, ignore_errors=True)  # results.csv appends
@@ -289,13 +293,9 @@ class Bench:
         folder = self.out / "yolov5-val" / name
         res, cpu = self.yolov5("val", name, "--weights", str(weights), "--imgsz", str(imgsz), "--batch-size", "32",
                                "--out", str(folder))
-        if imgsz not in self.letterbox:
-            self.letterbox[imgsz] = letterbox_params(self.data, imgsz)
-        remapped = folder / "predictions-exact-mapping.json"
-        remapped.write_text(json.dumps(remap_exact_way(json.loads(Path(res["predictions"]).read_text()),
-                                                       self.letterbox[imgsz])))
-        return {**cpu, "loop_s": res["seconds"], **score(self.gt, Path(res["predictions"])),
-                "ap_exact_mapping": score(self.gt, remapped)["ap"]}
+        predictions = Path(res["predictions"])
+        return {**cpu, "loop_s": res["seconds"], **score(self.gt, predictions),
+                "ap_exact_mapping": self.rescore(predictions, remap_exact_way, imgsz, "exact")}
 
     def yolov5_train(self, seed: int, name: str) -> dict:
         folder = self.out / "yolov5-train" / name

@@ -140,7 +140,7 @@ def test_a_compiled_run_trains_like_the_eager_run(tmp_path, synthetic_yaml, caps
     said = "".join(capsys.readouterr())
     assert code == 0
     assert "compiled (aot_eager" in said and "goes on eagerly" not in said
-    assert code == 0 and _train(tmp_path, synthetic_yaml, "eager")[0] == 0
+    assert _train(tmp_path, synthetic_yaml, "eager")[0] == 0
     rows = {name: list(csv.DictReader((tmp_path / name / "results.csv").open())) for name in ("compiled", "eager")}
     assert len(rows["compiled"]) == len(rows["eager"]) == 2
     for a, b in zip(rows["compiled"], rows["eager"]):  # multi-scale: several input sizes, so recompiles

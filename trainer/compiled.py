@@ -46,9 +46,8 @@ def check_backend(name: str) -> None:
 
 
 def compile_in_place(model: nn.Module, backend: Any = "inductor", **options: Any) -> nn.Module:
-    """Compile `model`'s forward in place with `backend` (a name from `backends()` or a callable)."""
-    if isinstance(backend, str):
-        check_backend(backend)
+    """Compile `model`'s forward in place with `backend` (a name from `backends()` or a callable;
+    torch rejects an unknown name here, check_backend says so as a CompileError beforehand)."""
     model.compile(backend=backend, **options)
     return model
 
